@@ -1,0 +1,1 @@
+"""Prefect flows over llmpipe's stages, and the ``llmpipe`` command."""

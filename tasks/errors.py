@@ -1,0 +1,13 @@
+"""One exception type per kind of user mistake; messages name the file, row, column or field."""
+
+
+class LlmpipeError(Exception):
+    """Base class for errors a user can fix; never retried."""
+
+
+class ConfigError(LlmpipeError, ValueError):
+    """The configuration is invalid."""
+
+
+class DataError(LlmpipeError, ValueError):
+    """Input data is missing, malformed or unusable."""
