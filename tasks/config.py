@@ -162,18 +162,19 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
+        problems = []
         if self.pretrain.block_size > self.model.n_positions:
-            raise ValueError(
-                f"pretrain.block_size ({self.pretrain.block_size}) exceeds model.n_positions ({self.model.n_positions})"
-            )
+            problems.append(f"pretrain.block_size ({self.pretrain.block_size}) exceeds model.n_positions "
+                            f"({self.model.n_positions})")
         if self.finetune.max_length > self.model.n_positions:
-            raise ValueError(
-                f"finetune.max_length ({self.finetune.max_length}) exceeds model.n_positions ({self.model.n_positions})"
-            )
+            problems.append(f"finetune.max_length ({self.finetune.max_length}) exceeds model.n_positions "
+                            f"({self.model.n_positions})")
         if self.corpus.source == "files" and not self.corpus.paths:
-            raise ValueError("corpus.paths must list at least one file when corpus.source is 'files'")
+            problems.append("corpus.paths must list at least one file when corpus.source is 'files'")
         if self.labeled.source == "files" and not self.labeled.train_path:
-            raise ValueError("labeled.train_path is required when labeled.source is 'files'")
+            problems.append("labeled.train_path is required when labeled.source is 'files'")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -189,18 +190,36 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _is_text_field(dotted: str) -> bool:
+    """Whether the dotted path names a plain string field (whose value must not be read as YAML)."""
+    model: Any = PipelineConfig
+    field = None
+    for key in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or key not in fields:
+            return False
+        field = fields[key]
+        model = field.annotation
+    return field is not None and field.annotation in (str, str | None)
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``KEY=VALUE`` strings; values are read as YAML scalars (``100``, ``true``, ``null``)."""
+    """Parse ``KEY=VALUE`` strings. Values of text fields are taken as written; others are read as YAML
+    (``100``, ``1e-3``, ``true``, ``null``, ``[a.txt, b.txt]``)."""
     out = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
+        if _is_text_field(key):
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+        out.append((key, value))
     return out
 
 

@@ -229,26 +229,15 @@ def test_flatten_gives_dotted_scalar_keys() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}, "p.") == {"p.a.b": 1, "p.a.c.d": "x", "p.e": None}
 
 
-# ---------------------------------------------------------------- known bugs
+# ---------------------------------------------------------------- values and cross-field checks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tasks/config.py parse_overrides: values are parsed as YAML before validation, so a "
-    "string field given a number-like or bool-like value (registry.model_name=2024, workspace=off) "
-    "becomes int/bool and pydantic refuses it ('Input should be a valid string')",
-)
 @pytest.mark.parametrize(("dotted", "raw"), [("registry.model_name", "2024"), ("workspace", "off")])
 def test_set_string_field_to_number_like_value(dotted: str, raw: str) -> None:
     cfg = load_config(None, [f"{dotted}={raw}"])
     assert flatten(cfg)[dotted] == raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG tasks/config.py PipelineConfig._consistent raises on the first cross-field problem, so "
-    "a config with two of them names only one (load_config promises to name every bad field)",
-)
 def test_every_cross_field_problem_is_named_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, ["pretrain.block_size=256", "finetune.max_length=256"])
