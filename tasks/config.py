@@ -65,15 +65,37 @@ class TokenizerConfig(Section):
     pad_token: str = Field("<|pad|>", description="Padding token for classification batches.")
 
 
-class ModelConfig(Section):
-    """The causal language model built from config."""
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 128},
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "n_positions": 256},
+    "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024},
+}
 
-    family: Literal["gpt2"] = Field("gpt2", description="Model family (GPT-2 architecture).")
+
+class ModelConfig(Section):
+    """The causal language model: built from config, or continued from a Hugging Face checkpoint."""
+
+    family: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture: GPT-2 or Llama.")
+    preset: Literal["custom", "tiny", "small", "gpt2-124m"] = Field(
+        "custom", description="Size preset (tiny, small, gpt2-124m); fields set explicitly win over the preset."
+    )
     n_layer: int = Field(2, ge=1, description="Transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention heads per block.")
     n_embd: int = Field(128, ge=8, description="Hidden size; must be divisible by n_head.")
     n_positions: int = Field(128, ge=8, description="Maximum context length in tokens.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residuals.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residuals (GPT-2).")
+    init_from: str | None = Field(
+        None, description="Continue from this Hugging Face checkpoint (local directory or hub name) instead of "
+        "building from config; its tokenizer must match the pipeline's."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from init_from (off: safer).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in MODEL_PRESETS:
+            return {**MODEL_PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -86,23 +108,73 @@ class TrainConfig(Section):
     """Settings shared by pretraining and fine-tuning loops."""
 
     max_steps: int = Field(600, ge=1, description="Optimizer steps to train for.")
-    batch_size: int = Field(32, ge=1, description="Sequences per optimizer step.")
+    max_tokens: int | None = Field(None, ge=1, description="Also stop once this many training tokens were seen.")
+    max_time_s: float | None = Field(None, gt=0, description="Also stop after this many seconds of training.")
+    batch_size: int = Field(32, ge=1, description="Sequences per micro-batch (per device).")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     lr: float = Field(3e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak (cosine).")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="After warmup: cosine decay, or warmup-stable-decay (constant, then linear decay)."
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of steps spent decaying, for schedule='wsd'.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
     warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on weight matrices (not biases, norms).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 disables.")
-    log_every: int = Field(50, ge=1, description="Steps between progress log lines.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on most CPUs)."
+    )
+    compile: bool = Field(False, description="Compile the model with torch.compile before training.")
+    log_every: int = Field(50, ge=1, description="Steps between progress log lines and metric points.")
     eval_every: int = Field(200, ge=1, description="Steps between validation passes.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk.")
+    resume: bool = Field(True, description="Continue from the newest complete checkpoint of the same run if one exists.")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Peak FLOP/s of one device for MFU; measured with a matmul at start when unset."
+    )
+
+    @property
+    def accum_steps(self) -> int:
+        return self.grad_accum_steps
 
 
 class PretrainConfig(TrainConfig):
     """Causal-LM pretraining."""
 
     block_size: int = Field(64, ge=8, description="Tokens per training sequence (packed blocks).")
+    global_batch_tokens: int | None = Field(
+        None, ge=1, description="Tokens per optimizer step across all devices; sets grad_accum_steps when given."
+    )
     eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
+    devices: int = Field(1, ge=1, description="Processes per node; above 1 runs data-parallel under torchrun.")
+    nnodes: int = Field(1, ge=1, description="Nodes for multi-node training under torchrun.")
+    node_rank: int = Field(0, ge=0, description="This node's rank when nnodes > 1.")
+    rdzv_endpoint: str = Field("127.0.0.1:29500", description="torchrun rendezvous host:port (node 0) when nnodes > 1.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Data parallelism: DDP (replicated model) or FSDP (sharded, for models that don't fit)."
+    )
+    distributed_timeout_s: float | None = Field(
+        None, gt=0, description="Kill the torchrun process group if distributed training runs longer than this."
+    )
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> PretrainConfig:
+        if self.global_batch_tokens is not None:
+            per_step = self.batch_size * self.block_size * self.devices * self.nnodes
+            if self.global_batch_tokens % per_step:
+                raise ValueError(
+                    f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of batch_size x block_size x "
+                    f"devices x nnodes ({per_step})"
+                )
+        return self
+
+    @property
+    def accum_steps(self) -> int:
+        if self.global_batch_tokens is None:
+            return self.grad_accum_steps
+        return self.global_batch_tokens // (self.batch_size * self.block_size * self.devices * self.nnodes)
 
 
 class FinetuneConfig(TrainConfig):

@@ -1,4 +1,5 @@
-"""Causal-LM pretraining: a GPT-2-style model built from config, trained on packed token blocks."""
+"""Causal-LM pretraining: a GPT-2 or Llama model built from config (or continued from a checkpoint),
+trained on packed token blocks, in one process or data-parallel under torchrun."""
 
 from __future__ import annotations
 
@@ -15,39 +16,74 @@ import torch.nn.functional as F
 
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
 from tasks.config import ModelConfig, PretrainConfig
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
 from tasks.tokenize import open_tokens
-from tasks.training import ShuffledIndices, seed_everything, train
+from tasks.training import ShuffledIndices, dist_info, seed_everything, train
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "pretrain-1"
-# Settings that change how training is observed, not the weights it produces.
-OBSERVE_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"}
+STAGE_VERSION = "pretrain-2"
+# Settings that change how training is observed or resumed, not the weights it produces.
+OBSERVE_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "resume",
+                "peak_flops", "rdzv_endpoint", "node_rank", "distributed_timeout_s"}
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A causal LM from config (SDPA attention), or loaded from ``cfg.init_from``."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    config = GPT2Config(
-        vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-    )
-    config._attn_implementation = "sdpa"
-    return GPT2LMHeadModel(config)
+    if cfg.init_from:
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code,
+                                                     attn_implementation="sdpa")
+        if model.config.vocab_size < vocab_size:
+            raise ConfigError(f"model.init_from={cfg.init_from}: its vocabulary ({model.config.vocab_size}) is smaller "
+                              f"than the tokenizer's ({vocab_size})")
+        return model
+    if cfg.family == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.n_positions, tie_word_embeddings=True,
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+    else:
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding-lookup parameters + attention (PaLM appendix B).
+
+    The tied output projection is a real matmul and counts; position-embedding lookups do not.
+    """
+    c = model.config
+    n_params = count_parameters(model)
+    lookup_only = sum(m.weight.numel() for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Embedding) and ("wpe" in name or "position" in name))
+    n_layer = getattr(c, "n_layer", None) or c.num_hidden_layers
+    d_model = getattr(c, "n_embd", None) or c.hidden_size
+    return 6.0 * (n_params - lookup_only) + 12.0 * n_layer * seq_len * d_model
 
 
 class BlockBatches:
     """Random contiguous blocks of ``block_size + 1`` tokens from a flat token stream (nanoGPT-style)."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1):
         self.tokens, self.block_size = tokens, block_size
         n_blocks = (len(tokens) - 1) // block_size
-        if n_blocks < 1:
-            raise DataError(f"the training split has {len(tokens)} tokens, fewer than one block of "
-                            f"pretrain.block_size={block_size}")
-        self.order = ShuffledIndices(n_blocks, batch_size, seed)
+        if n_blocks < batch_size * world:
+            raise DataError(f"the training split has {len(tokens)} tokens: {n_blocks} blocks of "
+                            f"pretrain.block_size={block_size}, fewer than one global batch ({batch_size * world})")
+        self.order = ShuffledIndices(n_blocks, batch_size, seed, rank, world)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         b = self.block_size
@@ -64,7 +100,7 @@ class BlockBatches:
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch["targets"].reshape(-1))
 
 
 @torch.no_grad()
@@ -72,6 +108,7 @@ def lm_eval_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, ba
                  max_batches: int | None = None) -> tuple[float, int]:
     """Mean next-token loss (nats) over consecutive blocks of ``tokens``; returns (loss, tokens scored)."""
     model.eval()
+    device = next(model.parameters()).device
     n_blocks = (len(tokens) - 1) // block_size
     if n_blocks < 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than one block of {block_size}")
@@ -81,8 +118,8 @@ def lm_eval_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, ba
             break
         idx = range(start, min(start + batch_size, n_blocks))
         x = torch.from_numpy(np.stack([np.asarray(tokens[i * block_size : i * block_size + block_size + 1],
-                                                  dtype=np.int64) for i in idx]))
-        logits = model(input_ids=x[:, :-1]).logits
+                                                  dtype=np.int64) for i in idx])).to(device)
+        logits = model(input_ids=x[:, :-1]).logits.float()
         total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"))
         count += x[:, 1:].numel()
     return total / count, count
@@ -94,6 +131,70 @@ def pretrain_fingerprint(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: 
                        cfg.model_dump(exclude=OBSERVE_ONLY), seed)
 
 
+def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig, cfg: PretrainConfig, seed: int,
+             work_dir: Path, out: Path,
+             on_progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train and save to ``out`` (rank 0); runs the same in one process and in each torchrun worker."""
+    rank, world = dist_info()
+    seed_everything(seed)
+    vocab_size = tokens.meta["vocab_size"]
+    model = build_lm(model_cfg, vocab_size, tokenizer.meta["eos_id"], tokenizer.meta["pad_id"])
+    n_params = count_parameters(model)
+    fpt = flops_per_token(model, cfg.block_size)
+    train_tokens = open_tokens(tokens, "train", verify=rank == 0)
+    val_tokens = open_tokens(tokens, "validation", verify=rank == 0)
+    split = tokens.meta["splits"]["validation"]
+    bytes_per_token = split["bytes_text"] / max(1, split["tokens"])
+    if rank == 0:
+        log.info("pretrain: %s with %.2fM parameters, %.2f MFLOP/token, %d train tokens, %d process(es), "
+                 "%d micro-batch(es) per step", model.config.model_type, n_params / 1e6, fpt / 1e6,
+                 tokens.meta["splits"]["train"]["tokens"], world, cfg.accum_steps)
+    source = BlockBatches(train_tokens, cfg.block_size, cfg.batch_size, seed, rank, world)
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        loss, _ = lm_eval_loss(m, val_tokens, cfg.block_size, cfg.batch_size, cfg.eval_batches)
+        return {"val_loss": loss, "val_ppl": float(np.exp(loss)),
+                "val_bits_per_byte": loss / np.log(2) / bytes_per_token}
+
+    result = train(model, source, cfg, work_dir, loss_fn=lm_loss, evaluate=evaluate,
+                   tokens_in=lambda b: int(b["targets"].numel()), flops_per_token=fpt,
+                   on_progress=on_progress, strategy=cfg.strategy, name="pretrain")
+    meta = {"task": "causal-lm", "family": model.config.model_type, "parameters": n_params,
+            "flops_per_token": fpt, "steps": result.steps, "tokens_seen": result.tokens_seen,
+            "stop_reason": result.stop_reason, "processes": world,
+            "train_seconds": round(result.train_seconds, 2), "resumed_from": result.resumed_from,
+            "peak_flops": result.peak_flops, "final_train_loss": result.history[-1]["loss"],
+            **{k: v for k, v in (result.evals[-1] if result.evals else {}).items() if k != "step"}}
+    if rank == 0:
+        model.to("cpu").save_pretrained(str(out), safe_serialization=True)
+        for f in tokenizer.dir.iterdir():
+            if f.name != "manifest.json":
+                shutil.copy2(f, out / f.name)
+        write_json(out / "training.json", {"history": result.history, "evals": result.evals})
+        write_json(out / "train_meta.json", meta)
+        _loss_curve(result.history, result.evals, out / "loss_curve.png")
+    return meta
+
+
+def _loss_curve(history: list[dict], evals: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def pretrain(
     tokens: TokensRef,
     tokenizer: TokenizerRef,
@@ -103,36 +204,20 @@ def pretrain(
     seed: int = 0,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> CheckpointRef:
-    """Train a causal LM from scratch; the artifact is a ``save_pretrained`` directory plus tokenizer."""
+    """Train a causal LM; the artifact is a ``save_pretrained`` directory plus tokenizer and loss curve."""
     fp = pretrain_fingerprint(tokens, tokenizer, model_cfg, cfg, seed)
     work_dir = workspace.work_dir("checkpoints", fp)
 
     def build(out: Path) -> dict[str, Any]:
-        seed_everything(seed)
-        model = build_lm(model_cfg, tokens.meta["vocab_size"], tokenizer.meta["eos_id"], tokenizer.meta["pad_id"])
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("pretrain: GPT-2 with %.2fM parameters, %d train tokens", n_params / 1e6,
-                 tokens.meta["splits"]["train"]["tokens"])
-        train_tokens = open_tokens(tokens, "train", verify=True)
-        val_tokens = open_tokens(tokens, "validation", verify=True)
-        source = BlockBatches(train_tokens, cfg.block_size, cfg.batch_size, seed)
+        if cfg.devices > 1 or cfg.nnodes > 1:
+            from tasks.distributed import run_torchrun
 
-        def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            loss, _ = lm_eval_loss(m, val_tokens, cfg.block_size, cfg.batch_size, cfg.eval_batches)
-            return {"val_loss": loss, "val_ppl": float(np.exp(loss))}
-
-        result = train(model, source, cfg, work_dir, loss_fn=lm_loss, evaluate=evaluate,
-                       tokens_in=lambda b: int(b["targets"].numel()), on_progress=on_progress, name="pretrain")
-        model.save_pretrained(str(out), safe_serialization=True)
-        for f in tokenizer.dir.iterdir():
-            if f.name != "manifest.json":
-                shutil.copy2(f, out / f.name)
-        write_json(out / "training.json", {"history": result.history, "evals": result.evals})
-        final = result.evals[-1] if result.evals else {}
-        return {"task": "causal-lm", "parameters": n_params, "steps": result.steps,
-                "tokens_seen": result.tokens_seen, "train_seconds": round(result.train_seconds, 2),
-                "resumed_from": result.resumed_from, "final_train_loss": result.history[-1]["loss"],
-                **{k: v for k, v in final.items() if k != "step"}}
+            spec = {"tokens": tokens.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"),
+                    "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),
+                    "seed": seed, "work_dir": str(work_dir), "out": str(out)}
+            run_torchrun(spec, cfg, work_dir)
+            return json.loads((out / "train_meta.json").read_text())
+        return train_lm(tokens, tokenizer, model_cfg, cfg, seed, work_dir, out, on_progress)
 
     ref = workspace.materialize(CheckpointRef, fp, build, stage="pretrain",
                                 config={"model": model_cfg.model_dump(), "pretrain": cfg.model_dump(), "seed": seed},

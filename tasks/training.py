@@ -1,14 +1,18 @@
 """The training engine shared by pretraining and fine-tuning.
 
-One readable loop: AdamW (decay on matrices only), linear warmup then cosine decay, gradient
-clipping, periodic validation and resumable checkpoints. A checkpoint holds everything needed to
-continue exactly: weights (safetensors), optimizer and scheduler state, the torch RNG state, the
-batch source's position, the step, the tokens seen and the metric history. Checkpoints are written
-to ``step-N.tmp-*`` and renamed, so a directory named ``step-N`` is always complete.
+One readable loop: AdamW (decay on matrices only, fused on CUDA), linear warmup then cosine or
+warmup-stable-decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA and fp32 on
+CPU, optional ``torch.compile``, periodic validation, and resumable checkpoints. A checkpoint holds
+everything needed to continue bit-for-bit: weights (safetensors), optimizer and scheduler state,
+every RNG state (python, numpy, torch, CUDA), the batch source's position, the step, the tokens
+seen and the metric history. Checkpoints are written to ``step-N.tmp-*`` and renamed, so a
+directory named ``step-N`` is always complete. Under ``torch.distributed`` the model is wrapped in
+DDP (or FSDP), each rank draws its share of every global batch, and only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,19 +50,30 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-class ShuffledIndices:
-    """Batches of indices over ``n`` items, reshuffled each epoch from (seed, epoch)."""
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+
+class ShuffledIndices:
+    """Batches of indices over ``n`` items, reshuffled each epoch from (seed, epoch).
+
+    Every rank walks the same global order; rank r takes the r-th slice of each global batch of
+    ``batch_size * world`` indices, so data parallelism sees exactly the batches one process would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if n <= 0:
             raise ValueError("cannot draw batches from an empty set")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.pos = 0, 0
         self._perm = epoch_permutation(n, seed, 0)
 
     def next_indices(self) -> np.ndarray:
         out = []
-        need = self.batch_size
+        need = self.batch_size * self.world
         while need:
             take = self._perm[self.pos : self.pos + need]
             out.append(take)
@@ -68,7 +83,8 @@ class ShuffledIndices:
                 self.epoch += 1
                 self.pos = 0
                 self._perm = epoch_permutation(self.n, self.seed, self.epoch)
-        return np.concatenate(out)
+        glob = np.concatenate(out)
+        return glob[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -89,25 +105,61 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 on CPU, where bf16 is 10-100x slower without AVX512-BF16."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "wsd":
+            decay_start = cfg.max_steps - max(1, int(cfg.decay_fraction * cfg.max_steps))
+            if step < decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
         decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def measure_peak_flops(device: torch.device, n: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square fp32 (bf16 on CUDA) matmul on this device: the MFU denominator."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
 @dataclass
@@ -118,6 +170,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    stop_reason: str = "max_steps"
+    peak_flops: float | None = None
 
 
 def list_checkpoints(work_dir: Path) -> list[Path]:
@@ -129,6 +183,20 @@ def list_checkpoints(work_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+
+
 def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
                     state: dict[str, Any], keep: int) -> Path:
     from safetensors.torch import save_model
@@ -137,9 +205,12 @@ def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler
     tmp = work_dir / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "source": source.state_dict()}))
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        trainer["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(trainer, tmp / "trainer.pt")
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "source": source.state_dict(), "rng": _rng_state()}))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -151,17 +222,40 @@ def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource) -> dict[str, Any]:
     from safetensors.torch import load_model
 
-    load_model(model, str(path / "model.safetensors"))
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["torch_rng"])
+    if "cuda_rng" in trainer and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
     state = json.loads((path / STATE_FILE).read_text())
     source.load_state_dict(state["source"])
+    _set_rng_state(state["rng"])
     return state
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _wrap_distributed(model: torch.nn.Module, device: torch.device, strategy: str) -> torch.nn.Module:
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(model, device_id=device if device.type == "cuda" else None,
+                                        use_orig_params=True)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _full_state_model(model: torch.nn.Module, wrapped: torch.nn.Module, strategy: str):
+    """A context in which ``model``'s parameters hold the full weights (FSDP gathers them)."""
+    if strategy == "fsdp" and wrapped is not model:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=False)
+    return contextlib.nullcontext()
 
 
 def train(
@@ -173,64 +267,116 @@ def train(
     loss_fn: LossFn,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     tokens_in: Callable[[dict[str, torch.Tensor]], int] = lambda b: int(b["input_ids"].numel()),
+    flops_per_token: float | None = None,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    strategy: str = "ddp",
     name: str = "train",
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.max_steps`` optimizer steps, resuming from ``work_dir`` if it holds a checkpoint."""
+    """Train ``model`` until ``cfg.max_steps`` (or max_tokens / max_time_s), resuming from ``work_dir``."""
+    rank, world = dist_info()
+    device = resolve_device(cfg)
+    model.to(device)
+    amp = autocast_dtype(cfg, device)
+    accum = cfg.accum_steps
     work_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     result = TrainResult(steps=0, tokens_seen=0, resumed_from=None)
-    checkpoints = list_checkpoints(work_dir)
+    checkpoints = list_checkpoints(work_dir) if cfg.resume else []
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source)
         result.steps, result.tokens_seen = state["step"], state["tokens_seen"]
         result.history, result.evals = state["history"], state["evals"]
         result.resumed_from = result.steps
-        log.info("%s: resuming from checkpoint at step %d (%s)", name, result.steps, checkpoints[-1])
+        if rank == 0:
+            log.info("%s: resuming from checkpoint at step %d (%s)", name, result.steps, checkpoints[-1])
+
+    wrapped = _wrap_distributed(model, device, strategy) if world > 1 else model
+    step_model = torch.compile(wrapped) if cfg.compile else wrapped
+    if flops_per_token and rank == 0:
+        result.peak_flops = cfg.peak_flops or measure_peak_flops(device)
+
+    def sync_ctx(micro: int):
+        last_micro = micro == accum - 1
+        if world > 1 and not last_micro and hasattr(wrapped, "no_sync"):
+            return wrapped.no_sync()
+        return contextlib.nullcontext()
 
     model.train()
     window_start, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
     t0 = time.perf_counter()
-    while result.steps < cfg.max_steps:
-        batch = source.next_batch()
-        loss = loss_fn(model, batch)
-        loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip
-                     else torch.tensor(0.0))
+    while True:
+        stop = _stop_reason(cfg, result, time.perf_counter() - t0)
+        if stop:
+            result.stop_reason = stop
+            break
+        step_loss = torch.zeros((), device=device)
+        n_tok = 0
+        for micro in range(accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in source.next_batch().items()}
+            autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+            with sync_ctx(micro), autocast:
+                loss = loss_fn(step_model, batch) / accum
+            loss.backward()
+            step_loss += loss.detach()
+            n_tok += tokens_in(batch)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
+                     else torch.zeros(()))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        if world > 1:
+            torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
+            n_tok *= world
         result.steps += 1
-        n_tok = tokens_in(batch)
         result.tokens_seen += n_tok
         window_tokens += n_tok
-        window_loss += float(loss.detach())
+        window_loss += float(step_loss)
         window_n += 1
         step = result.steps
-        last = step == cfg.max_steps
+        last = _stop_reason(cfg, result, time.perf_counter() - t0) is not None
 
         if step % cfg.log_every == 0 or last:
-            elapsed = time.perf_counter() - window_start
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
             row = {"step": step, "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                   "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / elapsed,
+                   "tokens_seen": result.tokens_seen}
+            if flops_per_token and result.peak_flops:
+                row["mfu"] = row["tokens_per_s"] * flops_per_token / (result.peak_flops * world)
             result.history.append(row)
-            log.info("%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", name, step, cfg.max_steps, row["loss"],
-                     row["lr"], row["tokens_per_s"])
+            if rank == 0:
+                log.info("%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s%s", name, step, cfg.max_steps, row["loss"],
+                         row["lr"], row["tokens_per_s"], f"  mfu {row['mfu']:.1%}" if "mfu" in row else "")
+                if on_progress:
+                    on_progress(step, cfg.max_steps, row)
             window_start, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-            if on_progress:
-                on_progress(step, cfg.max_steps, row)
         if evaluate and (step % cfg.eval_every == 0 or last):
-            metrics = {"step": step, **evaluate(model)}
+            if rank == 0:
+                with _full_state_model(model, wrapped, strategy):
+                    metrics = {"step": step, **evaluate(model)}
+                result.evals.append(metrics)
+                log.info("%s eval at step %d: %s", name, step,
+                         "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
             model.train()
-            result.evals.append(metrics)
-            log.info("%s eval at step %d: %s", name, step,
-                     "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
         if step % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(work_dir, model, optimizer, scheduler, source,
-                            {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
-                             "evals": result.evals}, cfg.keep_checkpoints)
+            with _full_state_model(model, wrapped, strategy):
+                if rank == 0:
+                    save_checkpoint(work_dir, model, optimizer, scheduler, source,
+                                    {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
+                                     "evals": result.evals}, cfg.keep_checkpoints)
+            if world > 1:
+                torch.distributed.barrier()
     result.train_seconds = time.perf_counter() - t0
     model.eval()
     return result
+
+
+def _stop_reason(cfg: TrainConfig, result: TrainResult, elapsed: float) -> str | None:
+    if result.steps >= cfg.max_steps:
+        return "max_steps"
+    if cfg.max_tokens is not None and result.tokens_seen >= cfg.max_tokens:
+        return "max_tokens"
+    if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
+        return "max_time"
+    return None

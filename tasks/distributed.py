@@ -1,0 +1,145 @@
+"""Data-parallel pretraining under torchrun, launched by the pretrain stage as a subprocess.
+
+The launcher owns the whole process tree: torchrun starts in its own session (process group), is
+told by the kernel to stop when the launching thread dies (``PR_SET_PDEATHSIG``), and is killed as a
+group when the stage fails, is cancelled or runs past ``pretrain.distributed_timeout_s``. Each
+worker likewise dies with its torchrun agent, so no training process outlives the task.
+
+Multi-node: run the same flow on every node with ``pretrain.nnodes=N``, ``pretrain.node_rank=i``
+and ``pretrain.rdzv_endpoint=HOST:PORT`` of node 0 (c10d rendezvous); the workspace must be on
+storage all nodes share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from tasks.artifacts import write_json
+from tasks.config import PretrainConfig
+
+log = logging.getLogger("llmpipe")
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent thread exits (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def torchrun_command(spec_path: Path, cfg: PretrainConfig) -> list[str]:
+    cmd = [sys.executable, "-m", "tasks.distributed", "launch", sys.executable, "-m", "torch.distributed.run",
+           f"--nproc-per-node={cfg.devices}", f"--nnodes={cfg.nnodes}"]
+    if cfg.nnodes > 1:
+        cmd += [f"--node-rank={cfg.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+                f"--rdzv-id=llmpipe-{spec_path.parent.name}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "tasks.distributed", "worker", str(spec_path)]
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the launched process group, then SIGKILL whatever is left after ``grace_s``."""
+    if proc.poll() is not None:  # the leader is gone; members may remain
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_torchrun(spec: dict[str, Any], cfg: PretrainConfig, work_dir: Path) -> None:
+    """Run ``train_lm`` in ``cfg.devices`` processes per node; raise if any fails or time runs out."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = work_dir / "torchrun_spec.json"
+    write_json(spec_path, spec)
+    cmd = torchrun_command(spec_path, cfg)
+    log.info("pretrain: launching %d x %d processes under torchrun", cfg.nnodes, cfg.devices)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    tail: deque[str] = deque(maxlen=40)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if line.startswith("[llmpipe] "):
+                log.info("%s", line.removeprefix("[llmpipe] "))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    started = time.monotonic()
+    try:
+        while proc.poll() is None:
+            if cfg.distributed_timeout_s and time.monotonic() - started > cfg.distributed_timeout_s:
+                raise TimeoutError(f"distributed pretraining ran past pretrain.distributed_timeout_s="
+                                   f"{cfg.distributed_timeout_s}s; its process group was killed")
+            time.sleep(0.2)
+    finally:
+        kill_group(proc)
+        reader.join(timeout=5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with code {proc.returncode}; last output:\n" + "\n".join(tail))
+
+
+def _worker(spec_path: str) -> None:
+    import torch
+
+    from tasks.artifacts import TokenizerRef, TokensRef
+    from tasks.config import ModelConfig
+    from tasks.pretrain import train_lm
+
+    die_with_parent(signal.SIGKILL)
+    spec = json.loads(Path(spec_path).read_text())
+    backend = "nccl" if torch.cuda.is_available() and spec["pretrain"]["device"] != "cpu" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group(backend)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if torch.distributed.get_rank() == 0:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[llmpipe] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        train_lm(TokensRef(**spec["tokens"]), TokenizerRef(**spec["tokenizer"]), ModelConfig(**spec["model"]),
+                 PretrainConfig(**spec["pretrain"]), spec["seed"], Path(spec["work_dir"]), Path(spec["out"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "launch":  # become torchrun, tied to the launching thread's life
+        die_with_parent(signal.SIGTERM)
+        os.execv(argv[1], argv[1:])
+    elif argv[0] == "worker":
+        _worker(argv[1])
+    else:
+        raise SystemExit(f"usage: python -m tasks.distributed launch CMD... | worker SPEC ({argv})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,239 @@
+"""The pretraining engine: exact resume after SIGKILL, accumulation, schedules, model families, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_config
+from safetensors.torch import load_file
+
+from tasks.artifacts import Workspace
+from tasks.config import load_config
+from tasks.ingest import ingest_corpus
+from tasks.pretrain import build_lm, flops_per_token, pretrain, pretrain_fingerprint
+from tasks.tokenize import tokenize_corpus, train_tokenizer
+from tasks.training import list_checkpoints, lr_lambda, set_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    set_threads(1)
+
+
+def _prepare(ws_root: Path, *overrides: str):
+    cfg = tiny_config(ws_root, *overrides)
+    ws = Workspace(cfg.workspace)
+    corpus = ingest_corpus(cfg.corpus, ws, cfg.seed)
+    tok = train_tokenizer(corpus, cfg.tokenizer, ws)
+    return cfg, ws, tok, tokenize_corpus(corpus, tok, ws)
+
+
+def _weights(ref) -> dict[str, torch.Tensor]:
+    return load_file(str(ref.dir / "model.safetensors"))
+
+
+def _processes_mentioning(needle: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+STEPS = ["pretrain.max_steps=40", "pretrain.checkpoint_every=5", "pretrain.log_every=5", "pretrain.eval_every=20"]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "a", *STEPS)
+    reference = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+
+    cfg_b, ws_b, tok_b, tokens_b = _prepare(tmp_path / "b", *STEPS)
+    fp = pretrain_fingerprint(tokens_b, tok_b, cfg_b.model, cfg_b.pretrain, cfg_b.seed)
+    work = ws_b.work_dir("checkpoints", fp)
+    script = textwrap.dedent(f"""
+        import sys, time; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+        from conftest import tiny_config
+        from tasks.artifacts import Workspace
+        from tasks.ingest import ingest_corpus
+        from tasks.tokenize import tokenize_corpus, train_tokenizer
+        from tasks.pretrain import pretrain
+        from tasks.training import set_threads
+        set_threads(1)
+        cfg = tiny_config({str(tmp_path / 'b')!r}, *{STEPS!r})
+        ws = Workspace(cfg.workspace)
+        c = ingest_corpus(cfg.corpus, ws, cfg.seed); t = train_tokenizer(c, cfg.tokenizer, ws)
+        # A slow observer (it does not change the result) leaves time to kill the run mid-way.
+        pretrain(tokenize_corpus(c, t, ws), t, cfg.model, cfg.pretrain, ws, cfg.seed,
+                 on_progress=lambda *a: time.sleep(0.5))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: any(int(p.name.split("-")[1]) >= 15 for p in list_checkpoints(work)) or child.poll() is not None,
+                  240, "a checkpoint at step 15")
+        assert child.poll() is None, "training finished before it could be killed"
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    killed_at = max(int(p.name.split("-")[1]) for p in list_checkpoints(work))
+    assert 15 <= killed_at < 40
+
+    resumed = pretrain(tokens_b, tok_b, cfg_b.model, cfg_b.pretrain, ws_b, cfg_b.seed)
+    assert resumed.meta["resumed_from"] == killed_at
+    assert resumed.fingerprint == reference.fingerprint
+    a, b = _weights(reference), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=8", "pretrain.log_every=1")
+    big = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 8}), ws, cfg.seed)
+    acc = pretrain(tokens, tok, cfg.model,
+                   cfg.pretrain.model_copy(update={"batch_size": 4, "grad_accum_steps": 2}), ws, cfg.seed)
+    assert big.fingerprint != acc.fingerprint
+    a, b = _weights(big), _weights(acc)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert acc.meta["tokens_seen"] == big.meta["tokens_seen"] == 8 * 8 * cfg.pretrain.block_size
+
+
+def test_global_batch_tokens_sets_accumulation() -> None:
+    cfg = load_config("tiny", ["pretrain.global_batch_tokens=1024"])
+    assert cfg.pretrain.accum_steps == 1024 // (8 * 32)
+    with pytest.raises(ValueError, match="global_batch_tokens"):
+        load_config("tiny", ["pretrain.global_batch_tokens=1000"])
+
+
+def test_stops_at_max_tokens(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_tokens=1000")
+    ref = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    assert ref.meta["stop_reason"] == "max_tokens"
+    assert ref.meta["tokens_seen"] == 4 * 8 * 32  # first step count at which 8x32-token batches pass 1000
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_schedules_warm_up_then_decay_to_the_floor(schedule: str) -> None:
+    cfg = load_config(None, [f"pretrain.schedule={schedule}", "pretrain.max_steps=100", "pretrain.warmup_steps=10"])
+    f = lr_lambda(cfg.pretrain)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(100) == pytest.approx(cfg.pretrain.min_lr_ratio)
+    if schedule == "wsd":
+        assert f(50) == 1.0 and f(79) == 1.0 and f(90) < 1.0
+    else:
+        assert 0.1 < f(50) < 1.0
+
+
+def test_llama_family_trains_and_generates(tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "model.family=llama", "pretrain.max_steps=30")
+    ref = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    assert ref.meta["family"] == "llama"
+    history = (ref.dir / "training.json").read_text()
+    assert '"loss"' in history and (ref.dir / "loss_curve.png").stat().st_size > 1000
+    assert ref.meta["final_train_loss"] < 6.0  # ln(400) = 5.99 is a uniform guess over the vocabulary
+    out = pipeline("text-generation", model=str(ref.dir))("The", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("The")
+
+
+def test_model_presets_and_flops() -> None:
+    cfg = load_config(None, ["model.preset=gpt2-124m"])
+    model = build_lm(cfg.model, 50257, 0, 1)
+    n = sum(p.numel() for p in model.parameters())
+    assert 124e6 < n < 125e6  # GPT-2 small with a tied output layer
+    fpt = flops_per_token(model, 1024)
+    assert fpt == pytest.approx(6 * (n - 1024 * 768) + 12 * 12 * 1024 * 768)
+    assert load_config(None, ["model.preset=small", "model.n_layer=3"]).model.n_layer == 3
+
+
+def test_continue_from_a_checkpoint_directory(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws")
+    first = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    model_cfg = cfg.model.model_copy(update={"init_from": str(first.dir)})
+    second = pretrain(tokens, tok, model_cfg, cfg.pretrain, ws, cfg.seed)
+    assert second.fingerprint != first.fingerprint
+    assert second.meta["final_train_loss"] < first.meta["final_train_loss"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=10", "pretrain.log_every=1")
+    single = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 8}), ws, cfg.seed)
+    ddp = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 4, "devices": 2}), ws,
+                   cfg.seed)
+    assert ddp.meta["processes"] == 2 and single.meta["processes"] == 1
+    assert ddp.meta["tokens_seen"] == single.meta["tokens_seen"]
+    import json
+
+    loss_1 = [h["loss"] for h in json.loads((single.dir / "training.json").read_text())["history"]]
+    loss_2 = [h["loss"] for h in json.loads((ddp.dir / "training.json").read_text())["history"]]
+    assert loss_1 == pytest.approx(loss_2, rel=1e-4)
+    a, b = _weights(single), _weights(ddp)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.slow
+def test_timeout_kills_the_whole_torchrun_group(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=1000000", "pretrain.batch_size=4",
+                                    "pretrain.devices=2", "pretrain.distributed_timeout_s=8")
+    fp = pretrain_fingerprint(tokens, tok, cfg.model, cfg.pretrain, cfg.seed)
+    spec = str(ws.work_dir("checkpoints", fp) / "torchrun_spec.json")
+    with pytest.raises(TimeoutError, match="distributed_timeout_s"):
+        pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    _wait_for(lambda: not _processes_mentioning(spec), 15, "torchrun processes to end")
+    assert not list((ws.root / "checkpoints").glob(f"{fp}.tmp-*")), "a half-written artifact was left"
+
+
+@pytest.mark.slow
+def test_killing_the_task_process_leaves_no_orphaned_workers(tmp_path: Path) -> None:
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=1000000", "pretrain.batch_size=4",
+                                    "pretrain.devices=2", "pretrain.log_every=1")
+    fp = pretrain_fingerprint(tokens, tok, cfg.model, cfg.pretrain, cfg.seed)
+    spec = str(ws.work_dir("checkpoints", fp) / "torchrun_spec.json")
+    script = textwrap.dedent(f"""
+        import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+        from conftest import tiny_config
+        from tasks.artifacts import Workspace
+        from tasks.ingest import ingest_corpus
+        from tasks.tokenize import tokenize_corpus, train_tokenizer
+        from tasks.pretrain import pretrain
+        cfg = tiny_config({str(tmp_path / 'ws')!r}, "pretrain.max_steps=1000000", "pretrain.batch_size=4",
+                          "pretrain.devices=2", "pretrain.log_every=1")
+        ws = Workspace(cfg.workspace)
+        c = ingest_corpus(cfg.corpus, ws, cfg.seed); t = train_tokenizer(c, cfg.tokenizer, ws)
+        pretrain(tokenize_corpus(c, t, ws), t, cfg.model, cfg.pretrain, ws, cfg.seed)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Wait until both workers are up (the spec path is on their command lines, and the agent's).
+        _wait_for(lambda: len(_processes_mentioning(spec)) >= 3, 120, "torchrun and two workers")
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        _wait_for(lambda: not _processes_mentioning(spec), 30, "every torchrun process to end")
+    finally:
+        for pid in _processes_mentioning(spec):
+            os.kill(pid, signal.SIGKILL)
+        if child.poll() is None:
+            child.kill()
