@@ -22,10 +22,13 @@ from tasks.training import ShuffledIndices, dist_info, seed_everything, train
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "pretrain-2"
-# Settings that change how training is observed or resumed, not the weights it produces.
-OBSERVE_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "resume",
-                "peak_flops", "rdzv_endpoint", "node_rank", "distributed_timeout_s"}
+STAGE_VERSION = "pretrain-3"
+# Settings that change how training is observed, resumed or split into micro-batches, not what it
+# computes. The global batch (micro-batch x accumulation) stays in the fingerprint, so a run that
+# halves its micro-batch after running out of memory resumes its own checkpoints.
+EXECUTION_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "resume",
+                  "peak_flops", "rdzv_endpoint", "node_rank", "distributed_timeout_s", "batch_size",
+                  "grad_accum_steps", "global_batch_tokens", "device", "compile"}
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int):
@@ -127,8 +130,9 @@ def lm_eval_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, ba
 
 def pretrain_fingerprint(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
                          cfg: PretrainConfig, seed: int) -> str:
+    global_batch = cfg.batch_size * cfg.accum_steps
     return fingerprint(STAGE_VERSION, tokens.fingerprint, tokenizer.fingerprint, model_cfg,
-                       cfg.model_dump(exclude=OBSERVE_ONLY), seed)
+                       cfg.model_dump(exclude=EXECUTION_ONLY), global_batch, seed)
 
 
 def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig, cfg: PretrainConfig, seed: int,
@@ -161,7 +165,8 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
                    on_progress=on_progress, strategy=cfg.strategy, name="pretrain")
     meta = {"task": "causal-lm", "family": model.config.model_type, "parameters": n_params,
             "flops_per_token": fpt, "steps": result.steps, "tokens_seen": result.tokens_seen,
-            "stop_reason": result.stop_reason, "processes": world,
+            "stop_reason": result.stop_reason, "processes": world, "micro_batch": cfg.batch_size,
+            "grad_accum_steps": cfg.accum_steps,
             "train_seconds": round(result.train_seconds, 2), "resumed_from": result.resumed_from,
             "peak_flops": result.peak_flops, "final_train_loss": result.history[-1]["loss"],
             **{k: v for k, v in (result.evals[-1] if result.evals else {}).items() if k != "step"}}
@@ -195,6 +200,12 @@ def _loss_curve(history: list[dict], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def halve_micro_batch(cfg: PretrainConfig) -> PretrainConfig:
+    """Half the micro-batch, twice the accumulation: the same global batch in less memory."""
+    return cfg.model_copy(update={"batch_size": cfg.batch_size // 2, "grad_accum_steps": cfg.accum_steps * 2,
+                                  "global_batch_tokens": None})
+
+
 def pretrain(
     tokens: TokensRef,
     tokenizer: TokenizerRef,
@@ -217,7 +228,18 @@ def pretrain(
                     "seed": seed, "work_dir": str(work_dir), "out": str(out)}
             run_torchrun(spec, cfg, work_dir)
             return json.loads((out / "train_meta.json").read_text())
-        return train_lm(tokens, tokenizer, model_cfg, cfg, seed, work_dir, out, on_progress)
+        current = cfg
+        while True:
+            try:
+                return train_lm(tokens, tokenizer, model_cfg, current, seed, work_dir, out, on_progress)
+            except torch.OutOfMemoryError:
+                if current.batch_size % 2:
+                    raise
+                current = halve_micro_batch(current)
+                log.warning("pretrain: out of memory; resuming with micro-batch %d x %d accumulation steps "
+                            "(same global batch)", current.batch_size, current.grad_accum_steps)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     ref = workspace.materialize(CheckpointRef, fp, build, stage="pretrain",
                                 config={"model": model_cfg.model_dump(), "pretrain": cfg.model_dump(), "seed": seed},

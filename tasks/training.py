@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tasks import faults
 from tasks.config import TrainConfig
 
 log = logging.getLogger("llmpipe")
@@ -266,13 +267,18 @@ def train(
     *,
     loss_fn: LossFn,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    should_stop: Callable[[list[dict[str, float]]], bool] | None = None,
     tokens_in: Callable[[dict[str, torch.Tensor]], int] = lambda b: int(b["input_ids"].numel()),
     flops_per_token: float | None = None,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
     strategy: str = "ddp",
     name: str = "train",
 ) -> TrainResult:
-    """Train ``model`` until ``cfg.max_steps`` (or max_tokens / max_time_s), resuming from ``work_dir``."""
+    """Train ``model`` until ``cfg.max_steps`` (or max_tokens / max_time_s), resuming from ``work_dir``.
+
+    ``should_stop`` sees every evaluation so far after each validation pass; when it returns True training
+    ends there (``stop_reason`` 'early_stop'), with a checkpoint that a resumed run also stops at.
+    """
     rank, world = dist_info()
     device = resolve_device(cfg)
     model.to(device)
@@ -283,11 +289,13 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     result = TrainResult(steps=0, tokens_seen=0, resumed_from=None)
     checkpoints = list_checkpoints(work_dir) if cfg.resume else []
+    early_stop = False
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source)
         result.steps, result.tokens_seen = state["step"], state["tokens_seen"]
         result.history, result.evals = state["history"], state["evals"]
         result.resumed_from = result.steps
+        early_stop = bool(state.get("early_stop"))
         if rank == 0:
             log.info("%s: resuming from checkpoint at step %d (%s)", name, result.steps, checkpoints[-1])
 
@@ -306,10 +314,11 @@ def train(
     window_start, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
     t0 = time.perf_counter()
     while True:
-        stop = _stop_reason(cfg, result, time.perf_counter() - t0)
+        stop = "early_stop" if early_stop else _stop_reason(cfg, result, time.perf_counter() - t0)
         if stop:
             result.stop_reason = stop
             break
+        faults.check(name, result.steps + 1)
         step_loss = torch.zeros((), device=device)
         n_tok = 0
         for micro in range(accum):
@@ -358,13 +367,20 @@ def train(
                 result.evals.append(metrics)
                 log.info("%s eval at step %d: %s", name, step,
                          "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+                early_stop = bool(should_stop and should_stop(result.evals))
+                if early_stop:
+                    log.info("%s: early stop at step %d", name, step)
+            if world > 1 and should_stop:
+                flag = torch.tensor([float(early_stop)], device=device)
+                torch.distributed.broadcast(flag, 0)
+                early_stop = bool(flag.item())
             model.train()
-        if step % cfg.checkpoint_every == 0 or last:
+        if step % cfg.checkpoint_every == 0 or last or early_stop:
             with _full_state_model(model, wrapped, strategy):
                 if rank == 0:
                     save_checkpoint(work_dir, model, optimizer, scheduler, source,
                                     {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
-                                     "evals": result.evals}, cfg.keep_checkpoints)
+                                     "evals": result.evals, "early_stop": early_stop}, cfg.keep_checkpoints)
             if world > 1:
                 torch.distributed.barrier()
     result.train_seconds = time.perf_counter() - t0
