@@ -1,32 +1,59 @@
-"""Ingestion: sources -> validated, deduplicated, deterministically split JSONL artifacts."""
+"""Ingestion: sources -> validated, cleaned, deduplicated, deterministically split JSONL artifacts.
+
+The pretraining corpus streams through one pass: read (``tasks.sources``), optional NFC normalisation,
+strip, drop empty, drop too short or too long, drop exact duplicates (by content hash), assign a split
+by the hash of the document, and write; training documents are repeated by their source's weight. A
+document's split depends on its content alone, so adding documents never moves existing ones. The
+counts of every step and a length histogram go to ``data_report.json`` in the artifact.
+"""
 
 from __future__ import annotations
 
-import csv
-import glob
+import contextlib
 import hashlib
 import json
 import logging
+import math
+import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tasks import sample_data
-from tasks.artifacts import CorpusRef, LabeledRef, Workspace, file_sha256, fingerprint
+from tasks.artifacts import CorpusRef, LabeledRef, Workspace, file_sha256, fingerprint, write_json
 from tasks.config import CorpusConfig, LabeledConfig
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
+from tasks.sources import (
+    Utf8Policy,
+    file_format,
+    frame_fingerprint,
+    frame_rows,
+    hub_dataset_splits,
+    hub_rows,
+    is_missing,
+    join_text,
+    open_corpus_source,
+    table_rows,
+)
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "ingest-1"
+STAGE_VERSION = "ingest-2"
+DATA_REPORT = "data_report.json"
+SPLITS = ("train", "validation", "test")
 
 
 def _doc_bucket(text: str) -> float:
     """A number in [0, 1) fixed by the document's content: splits never move when documents are added."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return _unit(hashlib.sha256(text.encode("utf-8")).digest()[:8])
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def _unit(eight_bytes: bytes) -> float:
+    return int.from_bytes(eight_bytes, "big") / 2**64
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -37,220 +64,411 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
+# ---------------------------------------------------------------------------------------------- corpus
 
 
-def _expand(patterns: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise DataError(f"corpus.paths: pattern {pattern!r} matches no file")
-        for m in matches:
-            p = Path(m)
-            if not p.is_file():
-                raise DataError(f"corpus.paths: {p} is not a file")
-            files.append(p)
-    return files
+def _split_of(bucket: float, cfg: CorpusConfig) -> str:
+    if bucket < cfg.validation_fraction:
+        return "validation"
+    if bucket < cfg.validation_fraction + cfg.test_fraction:
+        return "test"
+    return "train"
 
 
-def _split_documents(text: str, unit: str) -> list[str]:
-    if unit == "file":
-        return [text]
-    if unit == "line":
-        return text.splitlines()
-    blocks, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line)
-        elif current:
-            blocks.append("\n".join(current))
-            current = []
-    if current:
-        blocks.append("\n".join(current))
-    return blocks
+def _copies(weight: float, digest: bytes) -> int:
+    """Training copies of a document: floor(weight), plus one for a hash-chosen share (the fractional part)."""
+    whole = math.floor(weight)
+    return whole + (1 if _unit(digest[8:16]) < weight - whole else 0)
 
 
-def _source_identity(cfg: CorpusConfig, seed: int) -> Any:
-    if cfg.source == "sample":
-        return {"sample": sample_data.VERSION, "seed": seed, "documents": cfg.sample_documents}
-    return [(str(p), file_sha256(p)) for p in _expand(cfg.paths)]
+def _histogram(lengths: Counter) -> list[dict[str, int]]:
+    """Document lengths in power-of-two bins of characters: [1, 2), [2, 4), [4, 8), ..."""
+    bins: Counter = Counter()
+    for length, n in lengths.items():
+        bins[max(length, 1).bit_length() - 1] += n
+    return [{"min_chars": 2**b, "max_chars": 2 ** (b + 1) - 1, "documents": bins[b]}
+            for b in range(min(bins, default=0), max(bins, default=-1) + 1)]
 
 
-def ingest_corpus(cfg: CorpusConfig, workspace: Workspace, seed: int = 0) -> CorpusRef:
-    """Read the pretraining corpus, drop empty and short documents, deduplicate, split by content hash."""
-    source_id = _source_identity(cfg, seed)
-    fp = fingerprint(STAGE_VERSION, source_id, cfg.model_dump(exclude={"paths"}))
+def ingest_corpus(cfg: CorpusConfig, workspace: Workspace, seed: int = 0,
+                  frames: Mapping[str, Any] | None = None) -> CorpusRef:
+    """Read the pretraining sources, clean, deduplicate and split them by content hash.
+
+    ``frames`` maps names to pandas DataFrames for sources of kind 'dataframe'.
+    """
+    utf8 = Utf8Policy(cfg.invalid_utf8)
+    sources = [open_corpus_source(i, s, seed, frames, utf8) for i, s in enumerate(cfg.sources)]
+    fp = fingerprint(STAGE_VERSION, [s.identity for s in sources], cfg)
 
     def build(out: Path) -> dict[str, Any]:
-        if cfg.source == "sample":
-            raw = sample_data.pretraining_corpus(seed=seed, n_documents=cfg.sample_documents)
-        else:
-            raw = []
-            for path in _expand(cfg.paths):
-                raw.extend(_split_documents(_read_text(path), cfg.text_unit))
-        docs = [d.strip() for d in raw]
-        n_empty = sum(1 for d in docs if not d)
-        docs = [d for d in docs if d]
-        n_short = sum(1 for d in docs if len(d) < cfg.min_chars)
-        docs = [d for d in docs if len(d) >= cfg.min_chars]
-        seen: set[str] = set()
-        unique = []
-        for d in docs:
-            h = hashlib.sha256(d.encode("utf-8")).hexdigest()
-            if h not in seen:
-                seen.add(h)
-                unique.append(d)
-        if not unique:
-            where = "the built-in sample" if cfg.source == "sample" else ", ".join(cfg.paths)
-            raise DataError(f"corpus from {where} has no usable documents after cleaning "
-                            f"({len(raw)} read, {n_empty} empty, {n_short} shorter than corpus.min_chars)")
-        splits: dict[str, list[dict]] = {"train": [], "validation": []}
-        for d in unique:
-            split = "validation" if _doc_bucket(d) < cfg.validation_fraction else "train"
-            splits[split].append({"text": d})
-        if not splits["train"] or not splits["validation"]:
+        splits = [s for s in SPLITS if s != "test" or cfg.test_fraction > 0]
+        with contextlib.ExitStack() as stack:
+            files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in splits}
+            per_source, lengths = _clean_and_split(cfg, sources, files, utf8)
+        report = _corpus_report(cfg, per_source, splits, lengths)
+        if utf8.replaced:
+            log.warning("corpus: invalid UTF-8 replaced in %d lines or files; the first: %s", utf8.replaced, utf8.first)
+        written = report["splits"]
+        too_few = [s for s in splits if written[s]["documents"] == 0]
+        if too_few:
+            total = sum(written[s]["unique_documents"] for s in splits)
+            where = "; ".join(source.label for _, source, _ in per_source)
+            if total == 0:
+                raise DataError(f"corpus from {where} has no usable documents after cleaning "
+                                f"({_step_summary(report)})")
             raise DataError(
-                f"corpus has {len(unique)} unique documents: too few to hold out "
-                f"corpus.validation_fraction={cfg.validation_fraction} for validation and keep some for training"
+                f"corpus from {where} has {total} unique documents: too few to fill the {', '.join(too_few)} "
+                f"split(s) (corpus.validation_fraction={cfg.validation_fraction}, "
+                f"corpus.test_fraction={cfg.test_fraction}) and keep some for training"
             )
-        for name, rows in splits.items():
-            write_jsonl(out / f"{name}.jsonl", rows)
-        stats = {
-            "documents_read": len(raw),
-            "empty_dropped": n_empty,
-            "short_dropped": n_short,
-            "duplicates_dropped": len(docs) - len(unique),
-            "train_documents": len(splits["train"]),
-            "validation_documents": len(splits["validation"]),
-            "train_chars": sum(len(r["text"]) for r in splits["train"]),
+        write_json(out / DATA_REPORT, report)
+        meta = {
+            "documents_read": report["steps"][0]["documents"],
+            "empty_dropped": _total(per_source, "empty"),
+            "short_dropped": _total(per_source, "short"),
+            "long_dropped": _total(per_source, "long"),
+            "duplicates_dropped": _total(per_source, "duplicate"),
+            "invalid_utf8_replaced": utf8.replaced,
+            "nfc_changed": _total(per_source, "nfc_changed"),
+            "splits": splits,
+            **{f"{s}_documents": written[s]["documents"] for s in splits},
+            "train_chars": written["train"]["chars"],
         }
-        log.info("corpus: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-        return stats
+        log.info("corpus: %s", ", ".join(f"{k}={v}" for k, v in meta.items() if k != "splits"))
+        return meta
 
     return workspace.materialize(CorpusRef, fp, build, stage="ingest_corpus", config=cfg)
 
 
-def _read_table(path: Path, cfg: LabeledConfig) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"labeled data file not found: {path}")
-    suffix = path.suffix.lower()
-    text = _read_text(path)
-    if suffix in {".jsonl", ".json"}:
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+def _clean_and_split(cfg: CorpusConfig, sources: list, files: dict[str, Any],
+                     utf8: Utf8Policy) -> tuple[list, Counter]:
+    """Stream every source's documents through cleaning, dedup and the hash split into ``files``; the counts."""
+    seen: set[bytes] = set()
+    lengths: Counter = Counter()
+    per_source = []
+    for spec, source in zip(cfg.sources, sources, strict=True):
+        c: Counter = Counter()
+        replaced_before = utf8.replaced
+        for raw in source.documents():
+            c["read"] += 1
+            text = raw
+            if cfg.nfc:
+                text = unicodedata.normalize("NFC", text)
+                c["nfc_changed"] += text != raw
+            text = text.strip()
+            if not text:
+                c["empty"] += 1
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg})") from None
-        columns = sorted({k for r in rows for k in r})
-        start_row = 1
-    else:
-        delimiter = "\t" if suffix in {".tsv", ".tab"} or (suffix not in {".csv"} and "\t" in text[:4096]) else ","
-        reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
-        records = list(reader)
-        if cfg.has_header:
-            if not records:
-                raise DataError(f"{path}: empty file")
-            columns, body, start_row = records[0], records[1:], 2
-        else:
-            width = max((len(r) for r in records), default=0)
-            columns, body, start_row = [str(i) for i in range(width)], records, 1
-        rows = [dict(zip(columns, r, strict=False)) for r in body]
-    for col in (cfg.text_column, cfg.label_column):
-        if col not in columns:
-            raise DataError(f"{path}: no column {col!r}; columns present: {', '.join(map(str, columns)) or 'none'}")
-    out = []
-    for i, r in enumerate(rows):
-        label = r.get(cfg.label_column)
-        text_value = r.get(cfg.text_column)
-        row_no = i + start_row
-        if label is None or str(label).strip() == "":
-            raise DataError(f"{path}: row {row_no}: missing label in column {cfg.label_column!r}")
-        if text_value is None or not str(text_value).strip():
-            continue
-        out.append({"text": str(text_value).strip(), "label": str(label).strip(), "_row": row_no})
-    return out
+            if len(text) < cfg.min_chars:
+                c["short"] += 1
+                continue
+            if cfg.max_chars is not None and len(text) > cfg.max_chars:
+                c["long"] += 1
+                continue
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            if cfg.dedup:
+                if digest[:16] in seen:
+                    c["duplicate"] += 1
+                    continue
+                seen.add(digest[:16])
+            split = _split_of(_unit(digest[:8]), cfg)
+            copies = _copies(spec.weight, digest) if split == "train" else 1
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            for _ in range(copies):
+                files[split].write(line)
+            c[split] += 1
+            c[f"{split}_written"] += copies
+            c[f"{split}_chars"] += len(text) * copies
+            lengths[len(text)] += 1
+        c["invalid_utf8_replaced"] = utf8.replaced - replaced_before
+        per_source.append((spec, source, c))
+    return per_source, lengths
 
 
-def _labeled_identity(cfg: LabeledConfig, seed: int) -> Any:
-    if cfg.source == "sample":
-        return {"sample": sample_data.VERSION, "seed": seed, "train": cfg.sample_train, "eval": cfg.sample_eval}
-    paths = [cfg.train_path, cfg.validation_path, cfg.test_path]
-    return [(p, file_sha256(Path(p)) if Path(p).is_file() else None) for p in paths if p]
+def _total(per_source: list, key: str) -> int:
+    return sum(c[key] for _, _, c in per_source)
 
 
-def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0) -> LabeledRef:
-    """Read labeled text, map labels to ids (``id2label``), and fix train/validation/test splits."""
-    fp = fingerprint(STAGE_VERSION, _labeled_identity(cfg, seed), cfg, seed)
+def _corpus_report(cfg: CorpusConfig, per_source: list, splits: list[str], lengths: Counter) -> dict[str, Any]:
+    read = _total(per_source, "read")
+    after_empty = read - _total(per_source, "empty")
+    after_length = after_empty - _total(per_source, "short") - _total(per_source, "long")
+    unique = after_length - _total(per_source, "duplicate")
+    written = sum(_total(per_source, f"{s}_written") for s in splits)
+    steps = [
+        {"step": "read", "documents": read},
+        {"step": "drop empty", "documents": after_empty},
+        {"step": f"length filter ({cfg.min_chars} to {cfg.max_chars or 'any'} chars)", "documents": after_length},
+        {"step": "deduplicate" if cfg.dedup else "deduplicate (off)", "documents": unique},
+        {"step": "weight (train copies)", "documents": written},
+    ]
+    return {
+        "steps": steps,
+        "sources": [
+            {"source": source.label, "kind": spec.kind, "weight": spec.weight, "read": c["read"],
+             "invalid_utf8_replaced": c["invalid_utf8_replaced"], "nfc_changed": c["nfc_changed"],
+             "empty_dropped": c["empty"], "short_dropped": c["short"], "long_dropped": c["long"],
+             "duplicates_dropped": c["duplicate"], **{s: c[s] for s in splits},
+             "train_written": c["train_written"]}
+            for spec, source, c in per_source
+        ],
+        "splits": {s: {"documents": _total(per_source, f"{s}_written"), "unique_documents": _total(per_source, s),
+                       "chars": _total(per_source, f"{s}_chars")} for s in splits},
+        "length_histogram": _histogram(lengths),
+        "settings": {"nfc": cfg.nfc, "dedup": cfg.dedup, "invalid_utf8": cfg.invalid_utf8,
+                     "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
+    }
 
-    def build(out: Path) -> dict[str, Any]:
-        if cfg.source == "sample":
-            data = sample_data.sentiment_dataset(
-                seed=seed, n_train=cfg.sample_train, n_validation=cfg.sample_eval, n_test=cfg.sample_eval
-            )
-            splits = {k: [{"text": r["text"], "label": r["label"]} for r in v] for k, v in data.items()}
-            origin = {k: "built-in sample" for k in splits}
-        else:
-            splits, origin = {}, {}
-            for name, p in (("train", cfg.train_path), ("validation", cfg.validation_path), ("test", cfg.test_path)):
-                if p:
-                    splits[name] = _read_table(Path(p), cfg)
-                    origin[name] = p
-            splits = _complete_splits(splits, seed)
-        labels = sorted({r["label"] for r in splits["train"]}, key=_label_sort_key)
-        if len(labels) < 2:
-            raise DataError(f"{origin.get('train', 'train split')}: only one class ({labels[0]!r}) in the training labels; "
-                            "a classifier needs at least two")
-        label2id = {lab: i for i, lab in enumerate(labels)}
-        for name in ("validation", "test"):
-            for r in splits[name]:
-                if r["label"] not in label2id:
-                    where = f"{origin.get(name, name + ' split')}: row {r.get('_row', '?')}"
-                    raise DataError(f"{where}: label {r['label']!r} does not occur in training labels {labels}")
-        balance = {}
-        for name, rows in splits.items():
-            counts = Counter(r["label"] for r in rows)
-            balance[name] = {lab: counts.get(lab, 0) for lab in labels}
-            write_jsonl(out / f"{name}.jsonl", [{"text": r["text"], "label": label2id[r["label"]]} for r in rows])
-        id2label = {str(i): lab for lab, i in label2id.items()}
-        (out / "labels.json").write_text(json.dumps({"id2label": id2label}, indent=2))
-        log.info("labeled data: %s", json.dumps(balance))
-        return {"id2label": id2label, "class_balance": balance, "rows": {k: len(v) for k, v in splits.items()}}
 
-    return workspace.materialize(LabeledRef, fp, build, stage="ingest_labeled", config=cfg)
+def _step_summary(report: dict[str, Any]) -> str:
+    return ", ".join(f"{s['step']}: {s['documents']}" for s in report["steps"][:4])
+
+
+def load_data_report(ref: CorpusRef | LabeledRef) -> dict[str, Any]:
+    return json.loads((ref.dir / DATA_REPORT).read_text(encoding="utf-8"))
+
+
+def data_report_markdown(report: dict[str, Any]) -> str:
+    """The data report as Markdown: counts per step and per source, splits, and the length histogram."""
+    if "class_balance" in report:
+        return _labeled_markdown(report)
+    lines = ["## Corpus", "", "| step | documents |", "|---|---|"]
+    lines += [f"| {s['step']} | {s['documents']:,} |" for s in report["steps"]]
+    lines += ["", "### Sources", "", "| source | weight | read | empty | short/long | duplicates | train | validation"
+              " | invalid UTF-8 |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in report["sources"]:
+        lines.append(f"| {s['source']} | {s['weight']:g} | {s['read']:,} | {s['empty_dropped']:,} | "
+                     f"{s['short_dropped']:,}/{s['long_dropped']:,} | {s['duplicates_dropped']:,} | "
+                     f"{s['train']:,} | {s['validation']:,} | {s['invalid_utf8_replaced']:,} |")
+    lines += ["", "### Splits", "", "| split | documents | characters |", "|---|---|---|"]
+    lines += [f"| {name} | {s['documents']:,} | {s['chars']:,} |" for name, s in report["splits"].items()]
+    hist = report["length_histogram"]
+    if hist:
+        peak = max(b["documents"] for b in hist) or 1
+        lines += ["", "### Document length (characters)", "", "| length | documents | |", "|---|---|---|"]
+        lines += [f"| {b['min_chars']:,}-{b['max_chars']:,} | {b['documents']:,} | "
+                  f"{'█' * max(1 if b['documents'] else 0, round(20 * b['documents'] / peak))} |" for b in hist]
+    return "\n".join(lines) + "\n"
+
+
+def _labeled_markdown(report: dict[str, Any]) -> str:
+    labels = report["labels"]
+    lines = ["## Labeled data", "", "| split | origin | rows | empty text dropped | " + " | ".join(labels) + " |",
+             "|---|---|---|---|" + "---|" * len(labels)]
+    for split, balance in report["class_balance"].items():
+        lines.append(f"| {split} | {report['origin'][split]} | {report['rows'][split]:,} | "
+                     f"{report['empty_text_dropped'].get(split, 0):,} | "
+                     + " | ".join(f"{balance[lab]:,}" for lab in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- labeled data
 
 
 def _label_sort_key(label: str) -> tuple[int, Any]:
     return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
 
 
-def _complete_splits(splits: dict[str, list[dict]], seed: int) -> dict[str, list[dict]]:
-    """Stratified 80/10/10 (or 90/10) split of train for whichever splits were not given."""
+def _label_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1.0 from a pandas column with missing values is the label 1
+    return str(value).strip()
+
+
+class _LabeledReader:
+    """Turns rows of any source into ``{"text", "label", "_where"}``, checking every label as it goes."""
+
+    def __init__(self, cfg: LabeledConfig, names: dict[str, str] | None = None):
+        self.cfg = cfg
+        self.names = {str(i): name for i, name in enumerate(cfg.label_names)} or names or {}
+        self.empty: Counter = Counter()
+
+    def rows(self, origin: str, rows: Iterable[tuple[str, Mapping[str, Any]]], split: str) -> list[dict[str, Any]]:
+        cfg, out = self.cfg, []
+        for where, row in rows:
+            raw = row.get(cfg.label_column)
+            if is_missing(raw) or _label_text(raw) == "":
+                raise DataError(f"{origin}: {where}: missing label in column {cfg.label_column!r}")
+            label = _label_text(raw)
+            if self.names:
+                if label not in self.names:
+                    raise DataError(f"{origin}: {where}: unknown label {label!r} in column {cfg.label_column!r}; "
+                                    f"expected one of {', '.join(self.names)} (labeled.label_names)")
+                label = self.names[label]
+            if cfg.labels and label not in cfg.labels:
+                raise DataError(f"{origin}: {where}: unknown label {label!r}; labeled.labels is {cfg.labels}")
+            text = join_text(row, cfg.text_columns).strip()
+            if not text:
+                self.empty[split] += 1
+                continue
+            out.append({"text": text, "label": label, "_where": where})
+        return out
+
+
+def _read_table(path: Path, cfg: LabeledConfig, reader: _LabeledReader | None = None,
+                split: str = "train") -> list[dict[str, Any]]:
+    """Labeled rows of a CSV, TSV, JSONL, JSON or Parquet file."""
+    if not path.is_file():
+        raise DataError(f"labeled data file not found: {path}")
+    fmt = file_format(path, default="sniff")
+    rows = table_rows(path, fmt, [*cfg.text_columns, cfg.label_column], Utf8Policy("fail"), cfg.has_header)
+    return (reader or _LabeledReader(cfg)).rows(str(path), rows, split)
+
+
+def _class_label_names(ds: Any, column: str) -> dict[str, str] | None:
+    """``{"0": "neg", ...}`` when a dataset's label column is a ``ClassLabel``."""
+    feature = ds.features.get(column)
+    names = getattr(feature, "names", None)
+    return {str(i): n for i, n in enumerate(names)} if names else None
+
+
+def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    """What the labeled data is (for the fingerprint) and a function that reads it into splits."""
+    need = [*cfg.text_columns, cfg.label_column]
+    if cfg.source == "sample":
+        return ({"sample": sample_data.VERSION, "seed": seed, "train": cfg.sample_train, "eval": cfg.sample_eval},
+                None)
+    if cfg.source == "files":
+        paths = {s: getattr(cfg, f"{s}_path") for s in SPLITS if getattr(cfg, f"{s}_path")}
+        for split, p in paths.items():
+            if not Path(p).is_file():
+                raise DataError(f"labeled.{split}_path: file not found: {p}")
+        return [(s, p, file_sha256(Path(p))) for s, p in paths.items()], None
+    if cfg.source == "hub":
+        available = hub_dataset_splits(cfg.hub_name, cfg.hub_config, cfg.hub_revision)
+        names = {"train": cfg.hub_train_split, "validation": cfg.hub_validation_split, "test": cfg.hub_test_split}
+        chosen = {s: available[name] for s, name in names.items() if name and name in available}
+        label = f"dataset {cfg.hub_name!r}"
+        if "train" not in chosen:
+            raise DataError(f"{label}: no split {cfg.hub_train_split!r} for training (labeled.hub_train_split); "
+                            f"splits present: {', '.join(available)}")
+        for split, ds in chosen.items():
+            if any(c not in ds.column_names for c in need):
+                missing = next(c for c in need if c not in ds.column_names)
+                raise DataError(f"{label} split {names[split]!r}: no column {missing!r}; "
+                                f"columns present: {', '.join(ds.column_names)}")
+        return [(s, names[s], ds._fingerprint) for s, ds in chosen.items()], chosen
+    frames = dict(frames or {})
+    if "train" not in frames:
+        raise ConfigError("labeled.source is 'dataframe': pass the DataFrames to ingest_labeled as "
+                          "frames={'train': df, ...} (validation and test optional)")
+    unknown = sorted(set(frames) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"labeled frames: unknown split(s) {unknown}; expected train, validation, test")
+    for split, df in frames.items():
+        present = [str(c) for c in df.columns]
+        for column in need:
+            if column not in present:
+                raise DataError(f"DataFrame {split!r}: no column {column!r}; columns present: {', '.join(present)}")
+    return [(s, frame_fingerprint(df, need)) for s, df in frames.items()], frames
+
+
+def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
+                   frames: Mapping[str, Any] | None = None) -> LabeledRef:
+    """Read labeled text, map labels to ids (``id2label``), and fix train/validation/test splits.
+
+    Splits the source provides are used as given; missing ones are split off train, stratified by label.
+    ``frames`` maps split names to pandas DataFrames when ``cfg.source`` is 'dataframe'.
+    """
+    identity, loaded = _labeled_identity(cfg, seed, frames)
+    fp = fingerprint(STAGE_VERSION, identity, cfg, seed)
+
+    def build(out: Path) -> dict[str, Any]:
+        need = [*cfg.text_columns, cfg.label_column]
+        reader = _LabeledReader(cfg)
+        splits: dict[str, list[dict]] = {}
+        origin: dict[str, str] = {}
+        if cfg.source == "sample":
+            data = sample_data.sentiment_dataset(
+                seed=seed, n_train=cfg.sample_train, n_validation=cfg.sample_eval, n_test=cfg.sample_eval
+            )
+            splits = {k: [{"text": r["text"], "label": r["label"]} for r in v] for k, v in data.items()}
+            origin = {k: "built-in sample" for k in splits}
+        elif cfg.source == "files":
+            for split in SPLITS:
+                p = getattr(cfg, f"{split}_path")
+                if p:
+                    splits[split] = _read_table(Path(p), cfg, reader, split)
+                    origin[split] = p
+        elif cfg.source == "hub":
+            reader.names = reader.names or _class_label_names(loaded["train"], cfg.label_column) or {}
+            names = {"train": cfg.hub_train_split, "validation": cfg.hub_validation_split, "test": cfg.hub_test_split}
+            for split, ds in loaded.items():
+                origin[split] = f"dataset {cfg.hub_name!r} split {names[split]!r}"
+                splits[split] = reader.rows(origin[split], hub_rows(ds, need, origin[split]), split)
+        else:
+            for split, df in loaded.items():
+                origin[split] = f"DataFrame {split!r}"
+                splits[split] = reader.rows(origin[split], frame_rows(df, need, origin[split]), split)
+        for split in list(splits):
+            if not splits[split]:
+                raise DataError(f"{origin[split]}: no rows with text")
+        given = list(splits)
+        splits = _complete_splits(splits, cfg, seed, origin.get("train", "train split"))
+        for split in SPLITS:
+            origin.setdefault(split, f"split off {origin.get('train', 'train')} (stratified)")
+        labels = list(cfg.labels) or sorted({r["label"] for r in splits["train"]}, key=_label_sort_key)
+        if len(labels) < 2:
+            raise DataError(f"{origin.get('train', 'train split')}: only one class ({labels[0]!r}) in the training "
+                            "labels; a classifier needs at least two")
+        label2id = {lab: i for i, lab in enumerate(labels)}
+        for name in ("validation", "test"):
+            for r in splits[name]:
+                if r["label"] not in label2id:
+                    where = f"{origin[name]}: {r.get('_where', 'a row')}"
+                    raise DataError(f"{where}: label {r['label']!r} does not occur in training labels {labels}")
+        balance = {}
+        for name, rows in splits.items():
+            counts = Counter(r["label"] for r in rows)
+            balance[name] = {lab: counts.get(lab, 0) for lab in labels}
+            write_jsonl(out / f"{name}.jsonl", ({"text": r["text"], "label": label2id[r["label"]]} for r in rows))
+        id2label = {str(i): lab for lab, i in label2id.items()}
+        write_json(out / "labels.json", {"id2label": id2label})
+        rows_count = {k: len(v) for k, v in splits.items()}
+        write_json(out / DATA_REPORT, {"labels": labels, "class_balance": balance, "rows": rows_count,
+                                       "origin": origin, "splits_given": given,
+                                       "empty_text_dropped": dict(reader.empty)})
+        log.info("labeled data: %s", json.dumps(balance))
+        return {"id2label": id2label, "class_balance": balance, "rows": rows_count, "splits_given": given}
+
+    return workspace.materialize(LabeledRef, fp, build, stage="ingest_labeled", config=cfg)
+
+
+def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: int,
+                     origin: str) -> dict[str, list[dict]]:
+    """Split whichever of validation and test were not given off train, stratified by label."""
     from sklearn.model_selection import train_test_split
 
     missing = [s for s in ("validation", "test") if s not in splits]
     if not missing:
         return splits
     train = splits["train"]
+    fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+    held_share = sum(fractions[s] for s in missing)
     labels = [r["label"] for r in train]
     counts = Counter(labels)
-    stratify = labels if min(counts.values()) >= 2 * (len(missing) + 1) else None
-    frac = 0.1 * len(missing)
-    rest, held = train_test_split(train, test_size=frac, random_state=seed, stratify=stratify)
-    if len(missing) == 1:
-        splits[missing[0]] = held
-    else:
-        held_labels = [r["label"] for r in held]
-        strat2 = held_labels if stratify is not None and min(Counter(held_labels).values()) >= 2 else None
-        splits["validation"], splits["test"] = train_test_split(held, test_size=0.5, random_state=seed, stratify=strat2)
+    n_held = math.ceil(len(train) * held_share)
+    # Stratify only when every class can appear in each part; a tiny class falls back to a plain split.
+    stratify = labels if min(counts.values()) >= 2 * (len(missing) + 1) and n_held >= len(counts) else None
+    need = len(missing) * (len(counts) if stratify else 1)
+    if n_held < need or len(train) - n_held < len(counts):
+        raise DataError(
+            f"{origin}: {len(train)} rows are too few to split off {' and '.join(missing)} "
+            f"({held_share:.0%} of train) and keep every class in training; give more rows or the "
+            f"{' and '.join(missing)} split(s) explicitly"
+        )
+    try:
+        rest, held = train_test_split(train, test_size=held_share, random_state=seed, stratify=stratify)
+        if len(missing) == 1:
+            splits[missing[0]] = held
+        else:
+            held_labels = [r["label"] for r in held]
+            strat2 = held_labels if stratify is not None and min(Counter(held_labels).values()) >= 2 else None
+            share = fractions["test"] / held_share
+            splits["validation"], splits["test"] = train_test_split(held, test_size=share, random_state=seed,
+                                                                    stratify=strat2)
+    except ValueError as exc:  # sklearn's own checks, for what the sizes above do not foresee
+        raise DataError(f"{origin}: cannot split off {' and '.join(missing)}: {exc}") from None
     splits["train"] = rest
     return splits
 

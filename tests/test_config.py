@@ -175,9 +175,9 @@ def test_heads_must_divide_hidden_size() -> None:
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        (["corpus.source=files"], "corpus.paths"),
+        (["corpus.sources=[{kind: files}]"], "corpus.sources.0.files.paths"),
         (["labeled.source=files"], "labeled.train_path"),
-        (["corpus.source=web"], "corpus.source"),
+        (["corpus.sources=[{kind: web}]"], "corpus.sources.0"),
         (["tokenizer.vocab_size=257"], "tokenizer.vocab_size"),
         (["registry.model_name=-bad name"], "registry.model_name"),
         (["seed=-1"], "seed"),
@@ -216,14 +216,14 @@ def test_unknown_preset_lists_known_presets() -> None:
 
 
 def test_flatten_gives_dotted_scalar_keys() -> None:
-    cfg = load_config(None, ["pretrain.lr=0.01", "corpus.paths=[a.txt, b.txt]"])
+    cfg = load_config(None, ["pretrain.lr=0.01", "corpus.sources=[{kind: files, paths: [a.txt, b.txt]}]"])
     flat = flatten(cfg)
     assert set(flat) == _leaf_fields(PipelineConfig)
     assert flat["pretrain.lr"] == 0.01
     assert flat["model.n_layer"] == cfg.model.n_layer
     assert flat["registry.model_name"] == "llmpipe-sentiment"
     assert flat["seed"] == 0
-    assert flat["corpus.paths"] == ["a.txt", "b.txt"]  # lists are leaves, not expanded
+    assert flat["corpus.sources"][0]["paths"] == ["a.txt", "b.txt"]  # lists are leaves, not expanded
     assert not any(isinstance(v, dict) for v in flat.values())
     # A plain dict flattens the same way, with a prefix.
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}, "p.") == {"p.a.b": 1, "p.a.c.d": "x", "p.e": None}

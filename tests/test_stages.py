@@ -14,7 +14,14 @@ from conftest import tiny_config
 
 from tasks import evaluate, finetune, ingest, pretrain, tokenize
 from tasks.artifacts import MANIFEST, TokensRef, Workspace
-from tasks.config import CorpusConfig, LabeledConfig, PipelineConfig, TokenizerConfig, load_config
+from tasks.config import (
+    CorpusConfig,
+    FilesSource,
+    LabeledConfig,
+    PipelineConfig,
+    TokenizerConfig,
+    load_config,
+)
 from tasks.errors import ConfigError, DataError
 from tasks.training import STATE_FILE, ShuffledIndices, list_checkpoints, seed_everything, set_threads, train
 
@@ -30,8 +37,8 @@ def _paragraphs(n: int, start: int = 0) -> list[str]:
             for i in range(start, start + n)]
 
 
-def _files_corpus(path: Path, **kw) -> CorpusConfig:
-    return CorpusConfig(source="files", paths=[str(path)], **kw)
+def _files_corpus(path: Path, text_unit: str = "paragraph", **kw) -> CorpusConfig:
+    return CorpusConfig(sources=[FilesSource(paths=[str(path)], text_unit=text_unit)], **kw)
 
 
 def _texts(ref, split: str) -> list[str]:
@@ -79,7 +86,7 @@ def test_ingest_corpus_writes_train_and_validation_jsonl(tiny_cfg) -> None:
     train, val = _texts(ref, "train"), _texts(ref, "validation")
     assert ref.meta["train_documents"] == len(train) > 0
     assert ref.meta["validation_documents"] == len(val) > 0
-    assert ref.meta["documents_read"] == tiny_cfg.corpus.sample_documents == 300
+    assert ref.meta["documents_read"] == tiny_cfg.corpus.sources[0].documents == 300
     assert len(train) + len(val) == 300 - ref.meta["duplicates_dropped"]
     assert not set(train) & set(val)
     assert all(t == t.strip() and t for t in train + val)
@@ -147,7 +154,7 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
     data = "Caf\u00e9 is fine.\n\nThis is not: ".encode() + b"\xff\xfe here.\n"
     bad.write_bytes(data)
     offset = data.index(b"\xff")
-    cfg = CorpusConfig(source="files", paths=[str(good), str(bad)])
+    cfg = CorpusConfig(sources=[FilesSource(paths=[str(good), str(bad)])])
     ws = Workspace(tmp_path / "ws")
     with pytest.raises(DataError) as info:
         ingest.ingest_corpus(cfg, ws)
@@ -161,7 +168,7 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
 
 def test_missing_corpus_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nothing-here"):
-        ingest.ingest_corpus(CorpusConfig(source="files", paths=[str(tmp_path / "nothing-here*.txt")]),
+        ingest.ingest_corpus(_files_corpus(tmp_path / "nothing-here*.txt"),
                              Workspace(tmp_path / "ws"))
 
 
@@ -562,7 +569,7 @@ def test_constant_prediction_scores_the_majority_baseline() -> None:
     assert base["tfidf_logreg"]["accuracy"] == 1.0  # the colour word gives the label away
 
 
-# ================================================================ known bugs
+# ================================================================ input edge cases
 
 
 def _labeled_from_text(tmp_path: Path, name: str, text: str) -> list[dict]:
@@ -571,44 +578,32 @@ def _labeled_from_text(tmp_path: Path, name: str, text: str) -> list[dict]:
     return ingest._read_table(path, LabeledConfig(source="files", train_path=str(path)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/ingest.py _read_table: a blank line in a CSV/TSV (e.g. a "
-                   "trailing empty line) becomes an empty record and raises 'missing label'")
 def test_csv_blank_line_is_skipped(tmp_path: Path) -> None:
     rows = _labeled_from_text(tmp_path, "t.csv", "text,label\ngood film,pos\n\nbad film,neg\n\n")
     assert [r["label"] for r in rows] == ["pos", "neg"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/ingest.py _read_text decodes with 'utf-8', keeping a BOM, so "
-                   "the first CSV header becomes '\\ufefftext' and the text column is 'missing'")
 def test_csv_with_utf8_bom_is_read(tmp_path: Path) -> None:
     rows = _labeled_from_text(tmp_path, "t.csv", "\ufefftext,label\ngood film,pos\n")
     assert rows[0]["text"] == "good film"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/ingest.py _read_table feeds text.splitlines() to csv.reader, "
-                   "so a quoted field spanning lines loses its newline ('line oneline two')")
 def test_csv_multiline_quoted_field_keeps_newline(tmp_path: Path) -> None:
     rows = _labeled_from_text(tmp_path, "t.csv", 'text,label\n"line one\nline two",pos\n')
     assert rows[0]["text"] == "line one\nline two"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/ingest.py _read_table numbers JSONL rows by non-blank lines, "
-                   "so after a blank line the reported row is not the file's line number")
 def test_jsonl_error_reports_file_line_number(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="line 3|row 3"):
         _labeled_from_text(tmp_path, "t.jsonl", '{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/ingest.py _complete_splits: a small train file makes sklearn's "
-                   "train_test_split raise a plain ValueError (not DataError), a traceback in the CLI")
 def test_tiny_labeled_file_is_a_data_error(tmp_path: Path) -> None:
     path = _write_table(tmp_path / "train.csv", _labeled_rows(2, labels=("neg", "pos")))
     with pytest.raises(DataError):
         ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)), Workspace(tmp_path / "ws"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/ingest.py _expand treats any path with [, * or ? as a glob, so "
-                   "an existing file named 'notes[1].txt' 'matches no file'")
 def test_literal_path_with_brackets(tmp_path: Path) -> None:
     path = tmp_path / "notes[1].txt"
     path.write_text("\n\n".join(_paragraphs(40)), encoding="utf-8")
@@ -616,8 +611,6 @@ def test_literal_path_with_brackets(tmp_path: Path) -> None:
     assert ref.meta["documents_read"] == 40
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/tokenize.py tokenize_corpus: a document containing the literal "
-                   "text '<|endoftext|>' is encoded with the real EOS id, adding a false document boundary")
 def test_literal_eos_text_does_not_split_a_document(chain: Chain, tmp_path: Path) -> None:
     path = tmp_path / "c.txt"
     path.write_text("\n\n".join(_paragraphs(40) + ["Before <|endoftext|> after, still one document."]),

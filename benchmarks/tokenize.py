@@ -1,0 +1,274 @@
+# ruff: noqa: E402 (the import path is fixed before the imports)
+"""Benchmark: the tokenize stage against the run_clm.py recipe, and its memory on a 200 MB corpus.
+
+On the same text (Tiny Shakespeare repeated 8 times, one document per paragraph) and with the same
+fast tokenizer (a byte-level BPE that llmpipe trains on Tiny Shakespeare), in this process:
+
+- ours: ``tasks.tokenize.tokenize_corpus`` (read the corpus artifact's JSONL, encode, write token
+  shards, pack them with index and checksums), with 1 and with 2 worker processes;
+- baseline: the run_clm.py recipe, ``datasets.map`` with the tokenizer (batched), then ``group_texts``
+  into blocks of 1024, with ``num_proc`` 1 and 2 (``load_dataset`` itself is not timed, as our ingest
+  stage is not).
+
+Peak memory is sampled (RSS of this process plus its worker processes) while each one runs. Then a
+corpus of about 200 MB (Tiny Shakespeare repeated, no deduplication) is ingested in one fresh process
+and tokenized with 2 workers in another, each reporting its peak RSS (``ru_maxrss``).
+
+    python benchmarks/tokenize.py [--repeat 8] [--corpus-mb 200] [--vocab 8192]
+
+Progress goes to stderr; the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named like the standard library's ``tokenize``: take its folder off the import path first.
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import tempfile
+import time
+from itertools import chain
+
+DATA = Path(os.environ.get("LLMPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+BLOCK = 1024
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+_SAMPLER = """
+import sys, time, psutil
+parent, me = psutil.Process(int(sys.argv[1])), psutil.Process()
+def total():
+    n = 0
+    for p in [parent, *parent.children(recursive=True)]:
+        if p.pid != me.pid:
+            try:
+                n += p.memory_info().rss
+            except psutil.Error:
+                pass
+    return n
+print(total(), flush=True)
+import select
+peak = 0
+while not select.select([sys.stdin], [], [], 0.005)[0]:
+    peak = max(peak, total())
+print(max(peak, total()), flush=True)
+"""
+
+
+class PeakRSS:
+    """Peak RSS of this process plus its workers while the block runs, sampled every few milliseconds.
+
+    The sampler is a separate process, so this one keeps a single thread (and can fork its workers).
+    """
+
+    def __enter__(self) -> PeakRSS:
+        self._proc = subprocess.Popen([sys.executable, "-c", _SAMPLER, str(os.getpid())], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        self.start_mb = int(self._proc.stdout.readline()) / 2**20
+        return self
+
+    def __exit__(self, *exc) -> None:
+        out, _ = self._proc.communicate("stop\n")
+        self.peak_mb = int(out.split()[-1]) / 2**20
+
+
+def prepare(work: Path, repeat: int, vocab: int):
+    from tasks import ingest, tokenize
+    from tasks.artifacts import Workspace
+    from tasks.config import CorpusConfig, FilesSource, TokenizerConfig
+
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    once, repeated = work / "once.txt", work / f"x{repeat}.txt"
+    once.write_text(text, encoding="utf-8")
+    repeated.write_text("\n\n".join([text.strip()] * repeat) + "\n", encoding="utf-8")
+    ws = Workspace(work / "ws")
+    # The tokenizer is trained on Tiny Shakespeare once; the benchmark corpus keeps every repeat.
+    tok = tokenize.train_tokenizer(
+        ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(once)])]), ws),
+        TokenizerConfig(vocab_size=vocab), ws)
+    corpus = ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(repeated)])], dedup=False,
+                                               validation_fraction=0.01), ws)
+    return repeated, tok, corpus
+
+
+def run_ours(corpus, tok, work: Path, workers: int, shard_mb: float) -> dict:
+    from tasks import tokenize
+    from tasks.artifacts import Workspace
+
+    ws = Workspace(work / f"ours-{workers}")
+    with PeakRSS() as mem:
+        started = time.perf_counter()
+        ref = tokenize.tokenize_corpus(corpus, tok, ws, workers=workers, shard_mb=shard_mb)
+        seconds = time.perf_counter() - started
+    tokens = sum(s["tokens"] for s in ref.meta["splits"].values())
+    return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": mem.peak_mb, "start_rss_mb": mem.start_mb,
+            "shards": sum(len(s["shards"]) for s in ref.meta["splits"].values())}
+
+
+def run_baseline(path: Path, tok, work: Path, num_proc: int) -> dict:
+    """run_clm.py: tokenize with ``datasets.map`` (batched), then ``group_texts`` into blocks."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok.path)
+    raw = datasets.load_dataset("text", data_files={"train": str(path)}, sample_by="paragraph",
+                                cache_dir=str(work / f"hf-{num_proc}"))
+
+    def tokenize_function(examples):
+        return tokenizer(examples["text"])
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
+        total = len(concatenated["input_ids"]) // BLOCK * BLOCK
+        result = {k: [t[i : i + BLOCK] for i in range(0, total, BLOCK)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    nproc = num_proc if num_proc > 1 else None
+    with PeakRSS() as mem:
+        started = time.perf_counter()
+        tokenized = raw.map(tokenize_function, batched=True, num_proc=nproc, remove_columns=["text"],
+                            load_from_cache_file=False, desc="baseline tokenize")
+        tokenize_seconds = time.perf_counter() - started
+        grouped = tokenized.map(group_texts, batched=True, num_proc=nproc, load_from_cache_file=False,
+                                desc="baseline group_texts")
+        seconds = time.perf_counter() - started
+    lengths = tokenized["train"].map(lambda b: {"n": [len(x) for x in b["input_ids"]]}, batched=True,
+                                     remove_columns=tokenized["train"].column_names)["n"]
+    return {"seconds": seconds, "tokenize_seconds": tokenize_seconds, "tokens": int(sum(lengths)),
+            "blocks": len(grouped["train"]), "peak_rss_mb": mem.peak_mb, "start_rss_mb": mem.start_mb}
+
+
+def _peak_mb(who: int) -> float:
+    """Peak RSS in MB: this process's high-water mark (VmHWM, which starts afresh at exec, unlike ru_maxrss),
+    or the largest child's ru_maxrss."""
+    if who == resource.RUSAGE_SELF:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def child_ingest(work: Path, mb: float) -> None:
+    """In a fresh process: write a corpus of about ``mb`` megabytes and ingest it (no deduplication)."""
+    from tasks import ingest
+    from tasks.artifacts import Workspace
+    from tasks.config import CorpusConfig, FilesSource
+
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8").strip()
+    path = work / "big.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < mb * 1e6:
+            f.write(text + "\n\n")
+    before = _peak_mb(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    corpus = ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(path)])], dedup=False,
+                                               validation_fraction=0.01), Workspace(work / "ws"))
+    (work / "corpus.json").write_text(corpus.model_dump_json())
+    print(json.dumps({"corpus_mb": path.stat().st_size / 1e6, "ingest_seconds": time.perf_counter() - started,
+                      "ingest_peak_rss_mb": _peak_mb(resource.RUSAGE_SELF), "ingest_rss_mb_after_imports": before}))
+
+
+def child_tokenize(work: Path, tokenizer_json: str) -> None:
+    """In a fresh process: tokenize the ingested corpus with 2 workers; peak RSS of this process and a worker."""
+    from tasks import tokenize
+    from tasks.artifacts import CorpusRef, TokenizerRef, Workspace
+
+    corpus = CorpusRef.model_validate_json((work / "corpus.json").read_text())
+    tok = TokenizerRef.model_validate_json(tokenizer_json)
+    before = _peak_mb(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    ref = tokenize.tokenize_corpus(corpus, tok, Workspace(work / "ws"), workers=2, shard_mb=16)
+    seconds = time.perf_counter() - started
+    main_mb, worker_mb = _peak_mb(resource.RUSAGE_SELF), _peak_mb(resource.RUSAGE_CHILDREN)
+    tokens = sum(s["tokens"] for s in ref.meta["splits"].values())
+    print(json.dumps({"tokens": tokens, "tokenize_seconds": seconds, "tokens_per_s": tokens / seconds,
+                      "tokenize_rss_mb_after_imports": before, "tokenize_peak_rss_mb_main": main_mb,
+                      "tokenize_peak_rss_mb_worker": worker_mb,
+                      # Forked workers share the parent's pages; the sum counts those twice: an upper bound.
+                      "tokenize_peak_rss_mb_total_bound": main_mb + 2 * worker_mb}))
+
+
+def _child(*args: str) -> dict:
+    run = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=8, help="copies of Tiny Shakespeare (default 8)")
+    parser.add_argument("--corpus-mb", type=float, default=200, help="size of the memory run's corpus; 0 skips it")
+    parser.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size")
+    parser.add_argument("--shard-mb", type=float, default=1.0, help="shard size for our stage")
+    parser.add_argument("--child-ingest", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-tokenize", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_ingest:
+        return child_ingest(Path(args.child_ingest), args.corpus_mb)
+    if args.child_tokenize:
+        return child_tokenize(Path(args.child_tokenize[0]), args.child_tokenize[1])
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import datasets
+    import tqdm
+
+    datasets.disable_progress_bars()
+    tqdm.tqdm.monitor_interval = 0  # no monitor thread: this process stays single-threaded, so workers can fork
+    with tempfile.TemporaryDirectory(prefix="llmpipe-bench-") as tmp:
+        work = Path(tmp)
+        say(f"preparing Tiny Shakespeare x{args.repeat} and a {args.vocab}-token BPE ...")
+        path, tok, corpus = prepare(work, args.repeat, args.vocab)
+        mb = path.stat().st_size / 1e6
+        results: dict = {"ours": {}, "baseline": {}}
+        for workers in (1, 2):
+            say(f"ours, {workers} worker(s) ...")
+            results["ours"][workers] = run_ours(corpus, tok, work, workers, args.shard_mb)
+        for workers in (1, 2):
+            say(f"baseline (run_clm recipe), num_proc={workers} ...")
+            results["baseline"][workers] = run_baseline(path, tok, work, workers)
+        memory = None
+        if args.corpus_mb > 0:
+            say(f"memory: ingest, then tokenize, a {args.corpus_mb:g} MB corpus in fresh processes ...")
+            (work / "big").mkdir()
+            memory = _child("--child-ingest", str(work / "big"), "--corpus-mb", str(args.corpus_mb))
+            memory |= _child("--child-tokenize", str(work / "big"), tok.model_dump_json())
+
+    for side in ("ours", "baseline"):
+        for r in results[side].values():
+            r["tokens_per_s"] = r["tokens"] / r["seconds"]
+            r["mb_per_s"] = mb / r["seconds"]
+    ours, base = results["ours"], results["baseline"]
+    out = {
+        "text": f"Tiny Shakespeare x{args.repeat}", "text_mb": round(mb, 2), "vocab_size": tok.meta["vocab_size"],
+        "cpu_count": os.cpu_count(),
+        "ours_tokens_per_s": round(ours[2]["tokens_per_s"]),
+        "baseline_tokens_per_s": round(base[2]["tokens_per_s"]),
+        "speedup": round(ours[2]["tokens_per_s"] / base[2]["tokens_per_s"], 2),
+        "ours_mb_per_s": round(ours[2]["mb_per_s"], 2),
+        "baseline_mb_per_s": round(base[2]["mb_per_s"], 2),
+        "speedup_1_worker": round(ours[1]["tokens_per_s"] / base[1]["tokens_per_s"], 2),
+        "workers": {side: {str(w): {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                           for w, r in results[side].items()} for side in results},
+        "memory_200mb": memory and {k: (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()},
+    }
+    if memory:
+        out["tokenize_200mb_peak_rss_mb"] = round(memory["tokenize_peak_rss_mb_total_bound"], 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

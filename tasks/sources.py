@@ -1,0 +1,370 @@
+"""Readers for every kind of source: local files (text, JSONL, JSON, CSV/TSV, Parquet), Hugging Face
+datasets, pandas DataFrames and the built-in sample.
+
+Files are read line by line, so a large corpus streams through without being held in memory. Every
+problem is a ``DataError`` that names the file (or dataset, or DataFrame), and the line, row or byte
+offset where it is. Rows are numbered as a person finds them: text, JSONL, CSV and TSV files by line
+number in the file; JSON arrays by item, Parquet files and datasets by 0-based row; DataFrames by
+index label.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks import sample_data
+from tasks.artifacts import file_sha256
+from tasks.errors import ConfigError, DataError
+
+BOM = b"\xef\xbb\xbf"
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
+           ".parquet": "parquet", ".pq": "parquet"}
+TABLE_FORMATS = {"jsonl", "json", "csv", "tsv", "parquet"}
+Row = tuple[str, Mapping[str, Any]]  # (where, e.g. "line 7" or "row 3"; the row's values by column)
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a document in a CSV cell may be long
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Utf8Policy:
+    """What to do with undecodable UTF-8: 'fail' raises naming the file and byte offset; 'replace' counts it."""
+
+    mode: str = "fail"
+    replaced: int = 0  # lines (or whole-file documents) that needed a replacement character
+    first: str | None = None  # where the first one was
+
+    def decode(self, data: bytes, path: Path, offset: int) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            where = f"{path}: not valid UTF-8 at byte offset {offset + exc.start} ({exc.reason})"
+            if self.mode != "replace":
+                raise DataError(where) from None
+            self.replaced += 1
+            self.first = self.first or where
+            return data.decode("utf-8", errors="replace")
+
+
+def read_lines(path: Path, utf8: Utf8Policy) -> Iterator[tuple[int, str]]:
+    """``(line number, line with its line ending)`` of a UTF-8 file; a leading byte-order mark is dropped."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            skip = 3 if number == 1 and raw.startswith(BOM) else 0
+            yield number, utf8.decode(raw[skip:], path, offset + skip)
+            offset += len(raw)
+
+
+def read_text(path: Path, utf8: Utf8Policy) -> str:
+    data = path.read_bytes()
+    skip = 3 if data.startswith(BOM) else 0
+    return utf8.decode(data[skip:], path, skip)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def expand(patterns: list[str], field: str) -> list[Path]:
+    """Files named by paths or glob patterns; an existing path is literal even when it holds [ ] * or ?."""
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.exists():
+            if not path.is_file():
+                raise DataError(f"{field}: {path} is not a file (use a glob such as {path / '*.txt'})")
+            files.append(path)
+        elif glob.has_magic(pattern):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise DataError(f"{field}: pattern {pattern!r} matches no file")
+            files += matches
+        else:
+            raise DataError(f"{field}: file not found: {pattern}")
+    return files
+
+
+def file_format(path: Path, declared: str = "auto", default: str = "txt") -> str:
+    if declared != "auto":
+        return declared
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt:
+        return fmt
+    if default == "sniff":  # a labeled file without a known suffix: tab-separated if its first line has a tab
+        with open(path, "rb") as f:
+            return "tsv" if b"\t" in f.readline() else "csv"
+    return default
+
+
+def missing_column(name: str, column: str, present: list[str]) -> DataError:
+    return DataError(f"{name}: no column {column!r}; columns present: {', '.join(map(str, present)) or 'none'}")
+
+
+def _require(name: str, need: list[str], present: list[str]) -> None:
+    for column in need:
+        if column not in present:
+            raise missing_column(name, column, present)
+
+
+def _csv_records(path: Path, fmt: str, utf8: Utf8Policy) -> Iterator[tuple[int, list[str]]]:
+    """``(first line number, fields)`` per record; blank lines are skipped, quoted CSV fields may span lines.
+
+    TSV fields are taken verbatim (no quoting), as in GLUE's and UCI's tab-separated sets.
+    """
+    lines = (line for _, line in read_lines(path, utf8))
+    if fmt == "tsv":
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(lines, delimiter=",")
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}: row {start}: not valid {fmt.upper()} ({exc})") from None
+        if record:
+            yield start, record
+        start = reader.line_num + 1
+
+
+def _csv_rows(path: Path, fmt: str, has_header: bool, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
+    records = _csv_records(path, fmt, utf8)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path}: empty file")
+    if has_header:
+        columns = first[1]
+    else:
+        columns = [str(i) for i in range(len(first[1]))]
+        records = _chain_first(first, records)
+    _require(str(path), need, columns)
+    for line, record in records:
+        yield f"row {line}", dict(zip(columns, record, strict=False))
+
+
+def _chain_first(first: Any, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _jsonl_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
+    checked = False
+    for number, line in read_lines(path, utf8):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        if not checked:  # the first row stands for the file: a wrong column name fails at once
+            _require(str(path), need, list(row))
+            checked = True
+        yield f"line {number}", row
+
+
+def _json_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
+    try:
+        data = json.loads(read_text(path, utf8))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+        if i == 0:
+            _require(str(path), need, list(row))
+        yield f"item {i}", row
+
+
+def _parquet_rows(path: Path, need: list[str]) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own error types for a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    _require(str(path), need, pf.schema_arrow.names)
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=need):
+        for row in batch.to_pylist():
+            yield f"row {i}", row
+            i += 1
+
+
+def table_rows(path: Path, fmt: str, need: list[str], utf8: Utf8Policy, has_header: bool = True) -> Iterator[Row]:
+    """Rows of a JSONL, JSON, CSV, TSV or Parquet file; the ``need``ed columns are checked before the first row."""
+    if fmt == "jsonl":
+        return _jsonl_rows(path, need, utf8)
+    if fmt == "json":
+        return _json_rows(path, need, utf8)
+    if fmt in ("csv", "tsv"):
+        return _csv_rows(path, fmt, has_header, need, utf8)
+    if fmt == "parquet":
+        return _parquet_rows(path, need)
+    raise ConfigError(f"{path}: format {fmt!r} is not a table (expected one of {', '.join(sorted(TABLE_FORMATS))})")
+
+
+def text_documents(path: Path, unit: str, utf8: Utf8Policy) -> Iterator[str]:
+    """Documents of a text file: the whole file, each line, or each blank-line-separated block of lines."""
+    if unit == "file":
+        yield read_text(path, utf8)
+        return
+    block: list[str] = []
+    for _, line in read_lines(path, utf8):
+        line = line.rstrip("\r\n")
+        if unit == "line":
+            yield line
+        elif line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and value != value)  # NaN from pandas
+
+
+def join_text(row: Mapping[str, Any], columns: list[str]) -> str:
+    """The row's text: its text columns, non-empty ones joined with a newline."""
+    if len(columns) == 1:
+        value = row.get(columns[0])
+        return "" if is_missing(value) else str(value)
+    return "\n".join(str(v) for c in columns if not is_missing(v := row.get(c)))
+
+
+# ---------------------------------------------------------------------------------------------- datasets and frames
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def hub_dataset_splits(name: str, config: str | None = None, revision: str | None = None,
+                       data_files: Any = None) -> dict[str, Any]:
+    """All splits of a dataset, by split name: ``datasets.load_dataset`` (``load_from_disk`` for a saved folder)."""
+    import datasets
+
+    label = f"dataset {name!r}" + (f" (config {config!r})" if config else "")
+    try:
+        if _is_saved_dataset(Path(name)):
+            loaded = datasets.load_from_disk(name)
+            return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        loaded = datasets.load_dataset(name, config, revision=revision, data_files=data_files or None)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as exc:
+        raise DataError(f"{label}: cannot be loaded ({exc})") from None
+    except ConnectionError as exc:  # retried, unless offline mode makes it permanent
+        if datasets.config.HF_HUB_OFFLINE:
+            raise DataError(f"{label}: not in the local cache, and offline mode is on ({exc})") from None
+        raise
+    return dict(loaded)
+
+
+def hub_rows(ds: Any, need: list[str], name: str) -> Iterator[Row]:
+    _require(name, need, list(ds.column_names))
+    i = 0
+    for batch in ds.select_columns(need).iter(batch_size=1000):
+        for values in zip(*(batch[c] for c in need), strict=True):
+            yield f"row {i}", dict(zip(need, values, strict=True))
+            i += 1
+
+
+def frame_rows(df: Any, need: list[str], name: str) -> Iterator[Row]:
+    _require(name, need, [str(c) for c in df.columns])
+    for index, row in zip(df.index, df[need].to_dict("records"), strict=True):
+        yield f"row {index}", row
+
+
+def frame_fingerprint(df: Any, columns: list[str]) -> str:
+    """A hash of the DataFrame's index and the given columns' values."""
+    import pandas as pd
+
+    hashed = pd.util.hash_pandas_object(df[columns].astype(str), index=True).to_numpy()
+    return hashlib.sha256(hashed.tobytes() + json.dumps(columns).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- corpus sources
+
+
+class CorpusSource:
+    """One configured source of pretraining documents, resolved and checked; ``documents()`` streams its text."""
+
+    def __init__(self, label: str, identity: Any, documents: Any):
+        self.label, self.identity, self._documents = label, identity, documents
+
+    def documents(self) -> Iterator[str]:
+        return self._documents()
+
+
+def check_files(cfg: Any, field: str) -> list[tuple[Path, str]]:
+    """A 'files' source's files and formats; the text columns of tables checked (header, schema or first row)."""
+    files = [(p, file_format(p, cfg.format)) for p in expand(cfg.paths, f"{field}.paths")]
+    for path, fmt in files:
+        if fmt in TABLE_FORMATS:
+            next(table_rows(path, fmt, cfg.text_columns, Utf8Policy("replace"), cfg.has_header), None)
+    return files
+
+
+def open_corpus_source(index: int, cfg: Any, seed: int, frames: Mapping[str, Any] | None,
+                       utf8: Utf8Policy) -> CorpusSource:
+    """Resolve ``corpus.sources[index]``: files found, columns checked, dataset loaded; nothing is read yet."""
+    field = f"corpus.sources[{index}]"
+    if cfg.kind == "sample":
+        return CorpusSource(
+            f"built-in sample ({cfg.documents} documents)",
+            {"sample": sample_data.VERSION, "seed": seed, "documents": cfg.documents},
+            lambda: iter(sample_data.pretraining_corpus(seed=seed, n_documents=cfg.documents)),
+        )
+    if cfg.kind == "files":
+        files = check_files(cfg, field)
+
+        def documents() -> Iterator[str]:
+            for path, fmt in files:
+                if fmt == "txt":
+                    yield from text_documents(path, cfg.text_unit, utf8)
+                else:
+                    for _, row in table_rows(path, fmt, cfg.text_columns, utf8, cfg.has_header):
+                        yield join_text(row, cfg.text_columns)
+
+        label = ", ".join(str(p) for p, _ in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        return CorpusSource(label, [(str(p), file_sha256(p)) for p, _ in files], documents)
+    if cfg.kind == "hub":
+        splits = hub_dataset_splits(cfg.name, cfg.config, cfg.revision, cfg.data_files)
+        label = f"dataset {cfg.name!r}" + (f" ({cfg.config})" if cfg.config else "") + f" split {cfg.split!r}"
+        if cfg.split not in splits:
+            raise DataError(f"{field}: {label}: no such split; splits present: {', '.join(splits)}")
+        ds = splits[cfg.split]
+        _require(label, cfg.text_columns, list(ds.column_names))
+        return CorpusSource(
+            label, {"dataset": cfg.name, "config": cfg.config, "split": cfg.split, "fingerprint": ds._fingerprint},
+            lambda: (join_text(row, cfg.text_columns) for _, row in hub_rows(ds, cfg.text_columns, label)),
+        )
+    if cfg.kind == "dataframe":
+        df = (frames or {}).get(cfg.name)
+        if df is None:
+            raise ConfigError(f"{field}: DataFrame {cfg.name!r} was not passed in; call "
+                              f"ingest_corpus(cfg, workspace, seed, frames={{{cfg.name!r}: df}}) from Python")
+        label = f"DataFrame {cfg.name!r}"
+        _require(label, cfg.text_columns, [str(c) for c in df.columns])
+        return CorpusSource(
+            label, {"dataframe": frame_fingerprint(df, cfg.text_columns)},
+            lambda: (join_text(row, cfg.text_columns) for _, row in frame_rows(df, cfg.text_columns, label)),
+        )
+    raise ConfigError(f"{field}: unknown kind {cfg.kind!r}")

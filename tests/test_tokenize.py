@@ -1,0 +1,328 @@
+"""Tokenizer training/loading and the sharded tokenize stage: exact encoding, packing, reuse, Prefect and Dask."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import string
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from tasks import ingest, tokenize
+from tasks.artifacts import TokensRef, Workspace
+from tasks.config import CorpusConfig, FilesSource, TokenizerConfig
+from tasks.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The tiny corpus and its trained tokenizer (built once)."""
+    cfg = tiny_config(tmp_path_factory.mktemp("tok") / "ws")
+    ws = Workspace(cfg.workspace)
+    corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
+    return cfg, ws, corpus, tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
+
+
+def _reference_ids(tokenizer_file: Path, docs: list[str], eos: int) -> np.ndarray:
+    """What the tokenizer itself gives, document by document, special-token text as plain text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    tok.encode_special_tokens = True
+    return np.array([i for d in docs for i in [*tok.encode(d, add_special_tokens=False).ids, eos]], dtype=np.int64)
+
+
+def _split_docs(ref: TokensRef, split: str, tokenizer_dir: Path) -> list[str]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    arr, offsets = tokenize.open_tokens(ref, split), tokenize.document_offsets(ref, split)
+    assert np.all(np.asarray(arr)[offsets[1:] - 1] == ref.meta["eos_id"])
+    return [tok.decode(arr[a : b - 1].tolist(), skip_special_tokens=False) for a, b in itertools.pairwise(offsets)]
+
+
+def _texts(corpus, split: str) -> list[str]:
+    return [r["text"] for r in ingest.load_split(corpus, split)]
+
+
+# ================================================================ encoding is exact
+
+
+def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
+    _, _, _, tok_ref = chain
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + ["'s", "'ll", " ", "  ", "\n", "\r\n", "<|endoftext|>", "<|pad|>",
+                                               "caf\u00e9", "\u65e5\u672c", "\u2028", "\xa0", "\U0001f600"]
+    docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(5000)]
+    enc = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
+    assert enc.fast
+    for batch in (docs[:1], docs[:700], docs):  # all-ASCII, mixed and repeated batches (a warm piece cache)
+        ids, lengths = enc.encode(batch)
+        expected = _reference_ids(tok_ref.dir / "tokenizer.json", batch, tok_ref.meta["eos_id"])
+        assert np.array_equal(ids, expected)
+        assert lengths.sum() == len(ids) and len(lengths) == len(batch)
+    # A full piece cache starts over without changing the result.
+    small = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
+    small.cache_limit = 2000
+    for start in range(0, len(docs), 500):
+        batch = docs[start : start + 500]
+        assert np.array_equal(small.encode(batch)[0],
+                              _reference_ids(tok_ref.dir / "tokenizer.json", batch, tok_ref.meta["eos_id"]))
+    all_pieces = {p for d in docs if d.isascii() for p in tokenize._ASCII_SPLIT.findall(d)}
+    assert len(all_pieces) > 2000 and len(small._piece) < len(all_pieces)  # it did start over
+
+
+def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_data: Path, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, normalizers
+
+    _, _, _, tok_ref = chain
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    docs = [p for p in text.split("\n\n")[:1500]]
+    docs += (shared_data / "wikitext2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:1500]
+    eos = tok_ref.meta["eos_id"]
+    expected = _reference_ids(tok_ref.dir / "tokenizer.json", docs, eos)
+    assert np.array_equal(tokenize.Encoder(tok_ref.dir / "tokenizer.json", eos).encode(docs)[0], expected)
+    # A tokenizer with a normaliser cannot take the fast path; the result is still the tokenizer's.
+    tok = Tokenizer.from_file(str(tok_ref.dir / "tokenizer.json"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.save(str(tmp_path / "lower.json"))
+    slow = tokenize.Encoder(tmp_path / "lower.json", eos)
+    assert not slow.fast
+    assert np.array_equal(slow.encode(docs)[0], _reference_ids(tmp_path / "lower.json", docs, eos))
+
+
+# ================================================================ the stage
+
+
+def test_packed_tokens_decode_back_to_documents_and_shard_size_does_not_matter(chain, tmp_path: Path) -> None:
+    _, ws, corpus, tok_ref = chain
+    one = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "one"))
+    many = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "many"), shard_mb=0.004)
+    assert one.fingerprint == many.fingerprint
+    assert len(one.meta["splits"]["train"]["shards"]) == 1 and len(many.meta["splits"]["train"]["shards"]) > 5
+    for split in ("train", "validation"):
+        info = many.meta["splits"][split]
+        assert (one.dir / info["file"]).read_bytes() == (many.dir / info["file"]).read_bytes()
+        assert info["sha256"] == one.meta["splits"][split]["sha256"]
+        assert info["documents"] == sum(s["documents"] for s in info["shards"]) == len(_texts(corpus, split))
+        assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
+        assert _split_docs(many, split, tok_ref.dir) == _texts(corpus, split)
+        arr = tokenize.open_tokens(many, split, verify=True)
+        assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
+    assert not ws.work_dir("tokens", many.fingerprint).exists()  # the shards are gone once packed
+    assert not Workspace(tmp_path / "many").work_dir("tokens", many.fingerprint).exists()
+
+
+def test_process_workers_give_identical_files(chain, tmp_path: Path) -> None:
+    _, _, corpus, tok_ref = chain
+    serial = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "serial"), shard_mb=0.01)
+    parallel = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "parallel"), shard_mb=0.01, workers=2)
+    assert serial.meta == parallel.meta
+    for split in ("train", "validation"):
+        assert (serial.dir / f"{split}.bin").read_bytes() == (parallel.dir / f"{split}.bin").read_bytes()
+        assert (serial.dir / f"{split}.idx.npy").read_bytes() == (parallel.dir / f"{split}.idx.npy").read_bytes()
+
+
+def _big_vocab_tokenizer(path: Path) -> list[str]:
+    """A byte-level BPE with 66,001 tokens saved in ``path``; returns words whose token id is above 65,535."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    pairs = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
+    merges = []
+    for p in pairs:
+        merges.append((p[0], p[1]))
+        vocab[p] = len(vocab)
+    for p, q in itertools.product(pairs, pairs):
+        if len(vocab) > 66_000:
+            break
+        merges.append((p, q))
+        vocab[p + q] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(path))
+    high = [w for w, i in vocab.items() if i > 65_535 and len(w) == 4][:2000]
+    return [w for w in high if tok.encode(" " + w).ids[-1] == vocab[w]]
+
+
+def test_ids_above_65535_round_trip_through_uint32(tmp_path: Path) -> None:
+    words = _big_vocab_tokenizer(tmp_path / "big-tok")
+    assert len(words) > 100
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + f" number {i}." for i in range(400)]
+    (tmp_path / "c.txt").write_text("\n".join(docs), encoding="utf-8")
+    ws = Workspace(tmp_path / "ws")
+    corpus = ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(tmp_path / "c.txt")],
+                                                                    text_unit="line")]), ws)
+    tok_ref = tokenize.train_tokenizer(corpus, TokenizerConfig(pretrained=str(tmp_path / "big-tok")), ws)
+    assert tok_ref.meta["vocab_size"] == 66_002  # 66,001 and the added padding token
+    tokens = tokenize.tokenize_corpus(corpus, tok_ref, ws, shard_mb=0.005)
+    assert tokens.meta["dtype"] == "uint32" and len(tokens.meta["splits"]["train"]["shards"]) > 1
+    for split in ("train", "validation"):
+        arr = tokenize.open_tokens(tokens, split, verify=True)
+        assert arr.dtype == np.uint32 and int(arr.max()) > 65_535
+        assert _split_docs(tokens, split, tok_ref.dir) == _texts(corpus, split)
+        assert np.array_equal(np.asarray(arr), _reference_ids(tok_ref.dir / "tokenizer.json", _texts(corpus, split),
+                                                              tokens.meta["eos_id"]))
+
+
+# ================================================================ the tokenizer
+
+
+def test_pretrained_tokenizer_by_path_is_content_addressed_and_loads(chain, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    _, ws, corpus, trained = chain
+    exported = tmp_path / "exported"
+    AutoTokenizer.from_pretrained(trained.path).save_pretrained(str(exported))
+    ref = tokenize.train_tokenizer(corpus, TokenizerConfig(pretrained=str(exported)), ws)
+    assert ref.meta["trained"] is False and ref.meta["vocab_size"] == trained.meta["vocab_size"]
+    assert (ref.meta["eos_id"], ref.meta["pad_id"]) == (trained.meta["eos_id"], trained.meta["pad_id"])
+    loaded = AutoTokenizer.from_pretrained(ref.path)
+    assert loaded("the harbour at dawn").input_ids == AutoTokenizer.from_pretrained(trained.path)(
+        "the harbour at dawn").input_ids
+    # The same tokenizer copied elsewhere is the same artifact.
+    copy = tmp_path / "copy"
+    AutoTokenizer.from_pretrained(str(exported)).save_pretrained(str(copy))
+    again = tokenize.train_tokenizer(corpus, TokenizerConfig(pretrained=str(copy)), ws)
+    assert again.fingerprint == ref.fingerprint and again.reused
+    with pytest.raises(ConfigError, match=r"tokenizer\.pretrained: cannot load 'no-such-org/no-such-tokenizer'"):
+        tokenize.train_tokenizer(corpus, TokenizerConfig(pretrained="no-such-org/no-such-tokenizer"), ws)
+
+
+def test_extra_special_tokens_are_reserved(chain, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    cfg, _, corpus, plain = chain
+    ws = Workspace(tmp_path / "ws")
+    specials = cfg.tokenizer.model_copy(update={"special_tokens": ["<|user|>", "<|assistant|>"]})
+    ref = tokenize.train_tokenizer(corpus, specials, ws)
+    assert ref.fingerprint != plain.fingerprint
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    assert {"<|user|>", "<|assistant|>"} <= set(tok.all_special_tokens)
+    assert len(tok) == cfg.tokenizer.vocab_size
+    # shard_mb changes how tokenization runs, never the tokenizer.
+    same = tokenize.train_tokenizer(corpus, cfg.tokenizer.model_copy(update={"shard_mb": 1.0}), ws)
+    assert same.fingerprint == plain.fingerprint
+
+
+# ================================================================ reuse, resumption and concurrency
+
+
+def test_shards_are_reused_and_a_corrupt_shard_is_refused(chain, tmp_path: Path) -> None:
+    _, _, corpus, tok_ref = chain
+    ws = Workspace(tmp_path / "ws")
+    plan = tokenize.plan_tokenize(corpus, tok_ref, ws, shard_mb=0.01)
+    first = tokenize.encode_shard(plan.shards[0])
+    sidecar = Path(first.file).with_suffix(".json")
+    assert json.loads(sidecar.read_text())["sha256"] == first.sha256
+    mtime = Path(first.file).stat().st_mtime_ns
+    assert tokenize.encode_shard(plan.shards[0]) == first  # a retry reuses the finished shard
+    assert Path(first.file).stat().st_mtime_ns == mtime
+    results = [first] + [tokenize.encode_shard(s) for s in plan.shards[1:]]
+    data = bytearray(Path(first.file).read_bytes())
+    data[3] ^= 0x01
+    Path(first.file).write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        tokenize.pack_tokens(plan, results, ws)
+    assert not ws.is_complete(ws.dir("tokens", plan.fingerprint))
+    # A truncated shard (a size that does not match its sidecar) is encoded again.
+    Path(first.file).write_bytes(bytes(data[:10]))
+    redone = tokenize.encode_shard(plan.shards[0])
+    assert redone == first and Path(first.file).stat().st_size == first.tokens * 2
+    ref = tokenize.pack_tokens(plan, [redone, *results[1:]], ws)
+    assert tokenize.open_tokens(ref, "train", verify=True) is not None
+
+
+def test_a_second_run_during_the_first_reuses_its_shards_and_artifact(chain, tmp_path: Path) -> None:
+    """Two runs interleaved step by step: neither reads a half-written file, and they end with one artifact."""
+    _, _, corpus, tok_ref = chain
+    ws = Workspace(tmp_path / "ws")
+    plan_a = tokenize.plan_tokenize(corpus, tok_ref, ws, shard_mb=0.01)
+    results_a = [tokenize.encode_shard(s) for s in plan_a.shards]
+    plan_b = tokenize.plan_tokenize(corpus, tok_ref, ws, shard_mb=0.01)  # starts while A has not packed
+    assert plan_b.done is None and plan_b.shards == plan_a.shards
+    b_first = tokenize.encode_shard(plan_b.shards[0])
+    assert b_first == results_a[0]  # reused A's finished shard
+    ref_a = tokenize.pack_tokens(plan_a, results_a, ws)  # A packs and removes the shards
+    assert ref_a.reused is False
+    b_rest = [tokenize.encode_shard(s) for s in plan_b.shards[1:]]
+    assert all(r.skipped for r in b_rest)  # the artifact is complete: nothing more to encode
+    ref_b = tokenize.pack_tokens(plan_b, [b_first, *b_rest], ws)
+    assert ref_b.reused and ref_b.path == ref_a.path and ref_b.meta == ref_a.meta
+    assert tokenize.plan_tokenize(corpus, tok_ref, ws).done == ref_b
+
+
+def test_a_second_run_waits_for_the_first_to_finish_packing(chain, tmp_path: Path) -> None:
+    _, _, corpus, tok_ref = chain
+    ws = Workspace(tmp_path / "ws")
+    fp = tokenize.tokens_fingerprint(corpus, tok_ref)
+    out: list = []
+    with ws.lock("tokens", fp):  # the first run, packing
+        second = threading.Thread(target=lambda: out.append(tokenize.tokenize_corpus(corpus, tok_ref, ws)))
+        second.start()
+        second.join(timeout=3)
+        assert second.is_alive() and not out  # it encoded its shards and now waits at the lock
+    second.join()
+    assert ws.is_complete(Path(out[0].path))
+
+
+# ================================================================ in a flow: the default thread pool and Dask
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _tokenize_flow():
+    from prefect import flow
+
+    from flows import steps
+
+    @flow(name="tokenize-test")
+    def tokenize_flow(cfg):
+        corpus = steps.ingest_corpus(cfg)
+        tokenizer = steps.train_tokenizer(cfg, corpus)
+        return steps.tokenize_corpus(cfg, corpus, tokenizer)
+
+    return tokenize_flow
+
+
+@pytest.mark.slow
+def test_shard_map_on_threads_and_on_dask_gives_byte_identical_shards(harness, tmp_path: Path, monkeypatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect_dask import DaskTaskRunner
+
+    monkeypatch.chdir(tmp_path)  # MLflow's SQLite store keeps its artifacts in ./mlartifacts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    flow = _tokenize_flow()
+    threads = flow(tiny_config(tmp_path / "threads", "tokenizer.shard_mb=0.025"))
+    dask_runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                                 "dashboard_address": None})
+    on_dask = flow.with_options(task_runner=dask_runner)(tiny_config(tmp_path / "dask", "tokenizer.shard_mb=0.025"))
+    assert threads.fingerprint == on_dask.fingerprint and on_dask.reused is False
+    shards = threads.meta["splits"]["train"]["shards"]
+    assert len(shards) >= 3
+    assert on_dask.meta["splits"] == threads.meta["splits"]  # every shard's checksum, counts and the packed file's
+    for split in ("train", "validation"):
+        assert (threads.dir / f"{split}.bin").read_bytes() == (on_dask.dir / f"{split}.bin").read_bytes()
+    # The corpus data report is a markdown artifact of the ingest task.
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["corpus-data-report"])))
+    assert found and "| deduplicate |" in found[0].data
+    # A second flow run reuses the artifact.
+    assert flow(tiny_config(tmp_path / "threads", "tokenizer.shard_mb=0.025")).reused
