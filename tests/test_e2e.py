@@ -60,10 +60,16 @@ def test_llm_pipeline_registers_a_loadable_champion(harness, tmp_path: Path, mon
     assert changed.pretrain.lm.reused and changed.pretrain.tokens.reused
     assert not changed.finetune.classifier.reused
     assert changed.finetune.model_version.version == 2
+    # The gate scored both versions from the registry on the same test rows: the numbers it recorded are the
+    # evaluation reports' accuracies, and version 2 is champion only if the improvement was significant.
     v1_acc = first.finetune.report.load()["model"]["accuracy"]
     v2_acc = changed.finetune.report.load()["model"]["accuracy"]
-    expected = 2 if v2_acc > v1_acc else 1
-    assert int(client.get_model_version_by_alias(name, "champion").version) == expected
+    v2 = client.get_model_version(name, "2")
+    assert float(v2.tags["llmpipe.gate.candidate_score"]) == pytest.approx(v2_acc, abs=1e-5)
+    assert float(v2.tags["llmpipe.gate.champion_score"]) == pytest.approx(v1_acc, abs=1e-5)
+    promoted = v2_acc > v1_acc and float(v2.tags["llmpipe.gate.p_value"]) < cfg.registry.alpha
+    assert v2.tags["llmpipe.gate.decision"] == ("champion" if promoted else "challenger")
+    assert int(client.get_model_version_by_alias(name, "champion").version) == (2 if promoted else 1)
 
 
 def test_cli_run_then_predict_in_an_empty_folder(tmp_path: Path) -> None:
