@@ -1,0 +1,229 @@
+"""Deployments on worker pools: ``llmpipe deploy``, ``llmpipe serve`` and the per-GPU training slot.
+
+``deployments/prefect.yaml`` is the one description of the deployments. ``deploy`` creates the work
+pools it names and hands the file to Prefect's own ``prefect deploy``; ``serve`` builds the same
+deployments in this process and runs them with Prefect's ``serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from tasks.config import PipelineConfig
+from tasks.errors import ConfigError, LlmpipeError
+
+log = logging.getLogger("llmpipe")
+
+DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deployments"
+PREFECT_YAML = DEPLOY_DIR / "prefect.yaml"
+WORK_POOL_TYPE = "process"
+GPU_SLOT_ENV = "LLMPIPE_GPU_SLOT"
+PRETRAIN_COMPLETED = "llmpipe.pretrain.completed"
+
+
+def load_spec(path: Path = PREFECT_YAML) -> dict[str, Any]:
+    """The parsed prefect.yaml; every deployment must name a flow entrypoint and a work pool."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read deployments: {exc}") from exc
+    deployments = spec.get("deployments") if isinstance(spec, dict) else None
+    if not deployments:
+        raise ConfigError(f"{path}: no 'deployments' list")
+    for i, dep in enumerate(deployments):
+        for key in ("name", "entrypoint", "work_pool"):
+            if not dep.get(key):
+                raise ConfigError(f"{path}: deployments[{i}] has no '{key}'")
+    return spec
+
+
+def with_config(spec: dict[str, Any], cfg: PipelineConfig | None) -> dict[str, Any]:
+    """A copy of ``spec`` whose deployments default to ``cfg`` (``None``: the flows' own defaults)."""
+    spec = copy.deepcopy(spec)
+    if cfg is not None:
+        for dep in spec["deployments"]:
+            dep["parameters"] = {**(dep.get("parameters") or {}), "config": cfg.model_dump(mode="json")}
+    return spec
+
+
+def deployment_names(spec: dict[str, Any]) -> list[str]:
+    """``flow/deployment`` names, as Prefect shows them."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    return [f"{load_flow_from_entrypoint(d['entrypoint']).name}/{d['name']}" for d in spec["deployments"]]
+
+
+def require_api() -> str:
+    """The configured Prefect API URL, checked to answer; deployments on a temporary API would vanish."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError("no Prefect API configured: start one with `prefect server start`, then "
+                          "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` (or export PREFECT_API_URL)")
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        raise LlmpipeError(f"Prefect API at {url} does not answer: {error}")
+    return url
+
+
+def ensure_work_pools(spec: dict[str, Any]) -> dict[str, bool]:
+    """Create each work pool the deployments name, as a process pool; existing pools are left as they are.
+
+    Returns ``{pool: created}``.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    pools = dict.fromkeys(d["work_pool"]["name"] for d in spec["deployments"])
+    created = {}
+    with get_client(sync_client=True) as client:
+        for name in pools:
+            try:
+                client.read_work_pool(name)
+                created[name] = False
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(
+                    name=name, type=WORK_POOL_TYPE,
+                    base_job_template=ProcessWorker.get_default_base_job_template()))
+                created[name] = True
+    return created
+
+
+class Deployed(NamedTuple):
+    api_url: str
+    pools: dict[str, bool]  # name -> created now
+    deployments: list[str]  # flow/deployment
+
+
+def deploy(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML) -> Deployed:
+    """Create the work pools and every deployment in prefect.yaml on the configured Prefect API.
+
+    ``cfg`` becomes the deployments' default parameters.
+    """
+    spec = with_config(load_spec(spec_path), cfg)
+    api_url = require_api()
+    pools = ensure_work_pools(spec)
+    with tempfile.TemporaryDirectory(prefix="llmpipe-deploy-") as tmp:
+        prefect_file = Path(tmp) / "prefect.yaml"
+        prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        # Prefect's own command: the same templating, pull steps, schedules and triggers as
+        # `prefect deploy --all` run by hand in deployments/.
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+            cwd=spec_path.parent, capture_output=True, text=True,
+        )
+    if done.returncode != 0:
+        raise LlmpipeError(f"prefect deploy failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return Deployed(api_url, pools, deployment_names(spec))
+
+
+def runner_deployments(spec: dict[str, Any]) -> list[Any]:
+    """The deployments of ``spec`` as Prefect ``RunnerDeployment`` objects for ``serve`` (no work pool)."""
+    from prefect.events import DeploymentTriggerTypes
+    from prefect.flows import EntrypointType, load_flow_from_entrypoint
+    from prefect.schedules import Cron
+    from pydantic import TypeAdapter
+
+    trigger = TypeAdapter(DeploymentTriggerTypes)
+    out = []
+    for dep in spec["deployments"]:
+        schedules = []
+        for s in dep.get("schedules") or []:
+            if "cron" not in s:
+                raise ConfigError(f"deployment {dep['name']}: only cron schedules are served, got {s}")
+            schedules.append(Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True)))
+        flow = load_flow_from_entrypoint(dep["entrypoint"])
+        out.append(flow.to_deployment(
+            name=dep["name"], description=dep.get("description"), tags=dep.get("tags"),
+            parameters=dep.get("parameters") or {}, schedules=schedules,
+            triggers=[trigger.validate_python({"name": f"{dep['name']}__automation_{i}", **t})
+                      for i, t in enumerate(dep.get("triggers") or [], start=1)],
+            enforce_parameter_schema=dep.get("enforce_parameter_schema", True),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return out
+
+
+def serve(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML) -> None:
+    """Run every deployment in prefect.yaml in this process (Prefect's ``serve``) until interrupted."""
+    from prefect import serve as prefect_serve
+
+    spec = with_config(load_spec(spec_path), cfg)
+    require_api()
+    prefect_serve(*runner_deployments(spec))
+
+
+def announce_checkpoint(config: PipelineConfig, lm: Any, lm_report: Any) -> None:
+    """Emit ``llmpipe.pretrain.completed`` with the config and the checkpoint and report references.
+
+    Only for a pretrain flow run of its own: inside llm_pipeline or finetune, fine-tuning follows
+    anyway. The finetune/gpu deployment's trigger turns the payload into its parameters.
+    """
+    from prefect.events import emit_event
+    from prefect.runtime import flow_run
+
+    if flow_run.parent_flow_run_id:
+        return
+    emit_event(
+        PRETRAIN_COMPLETED,
+        resource={"prefect.resource.id": f"llmpipe.checkpoint.{lm.fingerprint}",
+                  "prefect.resource.name": f"language model {lm.fingerprint}"},
+        payload={"config": config.model_dump(mode="json"), "lm": lm.model_dump(mode="json"),
+                 "lm_report": lm_report.model_dump(mode="json")},
+    )
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold this worker's GPU while a training task runs.
+
+    ``LLMPIPE_GPU_SLOT`` (set where a GPU worker starts) names a Prefect global concurrency limit,
+    created with limit 1 on first use; two training tasks holding the same name never overlap,
+    while every other stage runs freely. Unset: nothing is held (CPU pools, ``llmpipe run``).
+    """
+    name = os.environ.get(GPU_SLOT_ENV, "").strip()
+    if not name:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    logger = _run_logger()
+    logger.info("waiting for GPU slot %s", name)
+    with concurrency(name, occupy=1, strict=True):
+        logger.info("holding GPU slot %s", name)
+        yield
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
