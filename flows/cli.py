@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline (llm_pipeline flow)")
     _config_args(run)
 
+    deploy = sub.add_parser("deploy", help="create the work pools and deployments of deployments/prefect.yaml "
+                                           "on the configured Prefect API")
+    _config_args(deploy)  # the deployments' default parameters; none given: the flows' own defaults
+    serve = sub.add_parser("serve", help="run the deployments of deployments/prefect.yaml in this process "
+                                         "(Prefect serve), for a single box")
+    _config_args(serve)
+
     config = sub.add_parser("config", help="inspect configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print the effective config as YAML")
@@ -35,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="label texts with a registered classifier")
     predict.add_argument("--model", "-m", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    predict.add_argument("texts", nargs="+", help="texts to classify")
+    predict.add_argument("--input", "-i", type=Path, default=None, metavar="FILE",
+                         help="a CSV, TSV or JSONL file of texts; predictions go to FILE's folder as "
+                              "<name>.predictions.<ext>")
+    predict.add_argument("--text-column", default="text", help="column (or JSON key) holding the text (default: text)")
+    predict.add_argument("texts", nargs="*", help="texts to classify (instead of --input)")
+
+    promote = sub.add_parser("promote", help="give a registered version the champion alias")
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("version", type=int, help="version number")
+    rollback = sub.add_parser("rollback", help="give the champion alias back to the previous champion")
+    rollback.add_argument("name", help="registered model name")
+    for p in (promote, rollback):
+        p.add_argument("--alias", default="champion", help="the champion alias (default: champion)")
+        p.add_argument("--challenger-alias", default="challenger",
+                       help="the challenger alias, removed from a version that becomes champion (default: challenger)")
     return parser
 
 
@@ -45,23 +66,32 @@ def _load(args: argparse.Namespace) -> PipelineConfig:
 
 def preflight(cfg: PipelineConfig) -> None:
     """Cheap checks of inputs before any stage starts."""
+    from tasks.sources import check_files
+
     labeled = cfg.labeled
     if labeled.source == "files":
         for field in ("train_path", "validation_path", "test_path"):
             value = getattr(labeled, field)
             if value and not Path(value).is_file():
                 raise ConfigError(f"labeled.{field}: file not found: {value}")
-    if cfg.corpus.source == "files":
-        from tasks.ingest import _expand
-
-        _expand(cfg.corpus.paths)
+    if labeled.source == "dataframe":
+        raise ConfigError("labeled.source: 'dataframe' takes DataFrames passed from Python to ingest_labeled; "
+                          "llmpipe run cannot pass them (use 'files' or 'hub')")
+    for i, source in enumerate(cfg.corpus.sources):
+        field = f"corpus.sources[{i}]"
+        if source.kind == "files":
+            check_files(source, field)  # files exist, tables have their text columns
+        elif source.kind == "dataframe":
+            raise ConfigError(f"{field}: a 'dataframe' source takes a DataFrame passed from Python to ingest_corpus; "
+                              "llmpipe run cannot pass one (use 'files' or 'hub')")
 
 
 def cmd_run(cfg: PipelineConfig) -> int:
     from flows import runtime
 
+    preflight(cfg)  # before anything is written
     env = runtime.configure(cfg.workspace)
-    preflight(cfg)
+    runtime.prepare_backends(cfg.workspace)
     from flows.pipeline import llm_pipeline
 
     started = time.time()
@@ -87,14 +117,69 @@ def cmd_run(cfg: PipelineConfig) -> int:
     return 0
 
 
-def cmd_predict(model: str, texts: list[str]) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
+    if bool(args.texts) == (args.input is not None):
+        raise ConfigError("predict: give texts as arguments or one --input file, not both (nor neither)")
+    from tasks.register import model_uri, read_texts
+
+    uri = model_uri(args.model)
+    rows, texts = read_texts(args.input, args.text_column) if args.input else ([], args.texts)
     from flows import runtime
 
     runtime.configure(".llmpipe")
-    from tasks.register import predict
+    from tasks import register
 
-    for row in predict(model, texts):
-        print(f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
+    mv = register.resolve_version(uri)
+    preds = register.predict(f"models:/{mv.name}/{mv.version}", texts)
+    if args.input is None:
+        for row in preds:
+            print(f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
+        return 0
+    out = register.write_predictions(args.input, rows, preds)
+    counts: dict[str, int] = {}
+    for row in preds:
+        counts[row["label"]] = counts.get(row["label"], 0) + 1
+    print(f"{len(preds)} predictions from {uri} (version {mv.version}) written to {out}")
+    print("  " + ", ".join(f"{label}: {n}" for label, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    from flows import runtime
+
+    runtime.configure(".llmpipe")
+    from tasks import register
+
+    if args.command == "promote":
+        print(register.promote(args.name, args.version, args.alias, args.challenger_alias))
+    else:
+        print(register.rollback(args.name, args.alias, args.challenger_alias))
+    return 0
+
+
+def _deploy_config(args: argparse.Namespace) -> PipelineConfig | None:
+    return _load(args) if args.config or args.overrides else None
+
+
+def cmd_deploy(cfg: PipelineConfig | None) -> int:
+    from flows import deploy
+
+    done = deploy.deploy(cfg)
+    print(f"Prefect API {done.api_url}")
+    print("work pools: " + ", ".join(f"{p} ({'created' if new else 'exists'})" for p, new in done.pools.items()))
+    print("deployments: " + ", ".join(done.deployments))
+    print()
+    print("Start workers:  prefect worker start --pool cpu")
+    print(f"                {deploy.GPU_SLOT_ENV}=gpu-$(hostname)-0 CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu")
+    example = "llm_pipeline/cpu" if "llm_pipeline/cpu" in done.deployments else done.deployments[0]
+    print(f"Run one:        prefect deployment run '{example}'   (or in the UI: Deployments > {example} > Run)")
+    return 0
+
+
+def cmd_serve(cfg: PipelineConfig | None) -> int:
+    from flows import deploy
+
+    deploy.serve(cfg)
     return 0
 
 
@@ -106,8 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return cmd_run(_load(args))
+        if args.command == "deploy":
+            return cmd_deploy(_deploy_config(args))
+        if args.command == "serve":
+            return cmd_serve(_deploy_config(args))
         if args.command == "predict":
-            return cmd_predict(args.model, args.texts)
+            return cmd_predict(args)
+        if args.command in ("promote", "rollback"):
+            return cmd_alias(args)
     except ConfigError as exc:
         print(f"llmpipe: {exc}", file=sys.stderr)
         return EXIT_CONFIG
