@@ -6,6 +6,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows import steps
+from flows.deploy import gpu_slot
 from tasks.artifacts import CheckpointRef, LabeledRef, ReportRef
 from tasks.config import PipelineConfig
 from tasks.register import ModelVersionRef
@@ -19,6 +20,7 @@ class FinetuneResult(BaseModel):
 
 
 @flow(name="finetune", log_prints=True)
+@steps.tracked_flow
 def finetune(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - the UI form's defaults
     lm: CheckpointRef | None = None,
@@ -31,7 +33,8 @@ def finetune(
         pre = pretrain(config)
         lm, lm_report = pre.lm, pre.lm_report
     labeled = steps.ingest_labeled(config)
-    classifier = steps.finetune_classifier(config, lm, labeled)
+    with gpu_slot():
+        classifier = steps.finetune_classifier(config, lm, labeled)
     report = steps.evaluate_classifier(config, classifier, labeled)
-    version = steps.register_classifier(config, lm, lm_report, classifier, report)
+    version = steps.register_classifier(config, lm, lm_report, classifier, report, labeled)
     return FinetuneResult(labeled=labeled, classifier=classifier, report=report, model_version=version)

@@ -6,6 +6,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows import steps
+from flows.deploy import announce_checkpoint, gpu_slot
 from tasks.artifacts import CheckpointRef, CorpusRef, ReportRef, TokenizerRef, TokensRef
 from tasks.config import PipelineConfig
 
@@ -19,11 +20,15 @@ class PretrainResult(BaseModel):
 
 
 @flow(name="pretrain", log_prints=True)
+@steps.tracked_flow
 def pretrain(config: PipelineConfig = PipelineConfig()) -> PretrainResult:  # noqa: B008 - the UI form's defaults
     """Ingest the corpus, train the tokenizer, tokenize, pretrain the language model and evaluate it."""
     corpus = steps.ingest_corpus(config)
     tokenizer = steps.train_tokenizer(config, corpus)
     tokens = steps.tokenize_corpus(config, corpus, tokenizer)
-    lm = steps.pretrain_lm(config, tokens, tokenizer)
+    with gpu_slot():
+        lm = steps.pretrain_lm(config, tokens, tokenizer)
     report = steps.evaluate_lm(config, lm, tokens)
+    steps.register_lm(config, lm, report)
+    announce_checkpoint(config, lm, report)
     return PretrainResult(corpus=corpus, tokenizer=tokenizer, tokens=tokens, lm=lm, lm_report=report)

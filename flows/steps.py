@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
-from prefect.runtime import deployment, flow_run
+from prefect.runtime import deployment, flow_run, task_run
 
-from tasks import evaluate, finetune, ingest, pretrain, register, tokenize
+from tasks import evaluate, faults, finetune, ingest, pretrain, register, tokenize
 from tasks.artifacts import (
+    ArtifactRef,
     CheckpointRef,
     CorpusRef,
     LabeledRef,
@@ -24,7 +32,7 @@ from tasks.artifacts import (
     TokensRef,
     Workspace,
 )
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, flatten
 from tasks.errors import LlmpipeError
 from tasks.training import set_threads
 
@@ -65,11 +73,52 @@ def _with_run_logs(fn: Callable) -> Callable:
     return wrapper
 
 
+# Stages with an MLflow child run: the config sections logged as its params, and which splits of its
+# data inputs it reads (all of them when a kind is not listed).
+TRACKED: dict[str, tuple[tuple[str, ...], dict[str, list[str]]]] = {
+    "ingest-corpus": (("corpus",), {}),
+    "ingest-labeled": (("labeled",), {}),
+    "train-tokenizer": (("tokenizer",), {"corpora": ["train"]}),
+    "tokenize": (("tokenizer",), {}),
+    "pretrain": (("model", "pretrain"), {}),
+    "evaluate-lm": (("evaluate",), {}),
+    "finetune": (("finetune",), {"labeled": ["train", "validation"]}),
+    "evaluate-classifier": (("evaluate",), {"labeled": ["train", "test"]}),
+}
+
+
+def _tracked(name: str, fn: Callable) -> Callable:
+    """Run the stage inside its MLflow child run and log what it produced there."""
+    sections, splits = TRACKED[name]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = [*args, *kwargs.values()]
+        cfg = next((v for v in values if isinstance(v, PipelineConfig)), None)
+        if cfg is None or not flow_run.id:  # called outside a flow: no parent run to attach to
+            return fn(*args, **kwargs)
+        with stage_run(cfg, name) as (_, run_id):
+            ref = fn(*args, **kwargs)
+            params = {f"{section}.{key}": value for section in sections if getattr(cfg, section, None) is not None
+                      for key, value in flatten(getattr(cfg, section)).items()}
+            register.log_stage(run_id, ref, params, [v for v in values if isinstance(v, ArtifactRef)], splits)
+        return ref
+
+    return wrapper
+
+
 def _task(name: str, retries: int = 2, **kw: Any) -> Callable:
     # The workspace is the cache (content-addressed, shared across runs), so Prefect's own is off.
     def decorate(fn: Callable) -> Any:
+        body = _tracked(name, fn) if name in TRACKED else fn
+
+        @functools.wraps(body)
+        def with_faults(*args: Any, **kwargs: Any) -> Any:
+            faults.check(name)  # LLMPIPE_FAULT: fail this stage once, on purpose
+            return body(*args, **kwargs)
+
         return task(name=name, retries=retries, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient,
-                    cache_policy=NONE, **kw)(_with_run_logs(fn))
+                    cache_policy=NONE, **kw)(_with_run_logs(with_faults))
 
     return decorate
 
@@ -93,14 +142,25 @@ def _progress(title: str) -> Callable[[int, int, dict[str, float]], None]:
     return update
 
 
+def _data_report(ref: CorpusRef | LabeledRef, key: str, description: str) -> None:
+    """The data report in the artifact (counts per step, class balance, lengths) as a Prefect markdown artifact."""
+    if (ref.dir / ingest.DATA_REPORT).is_file():
+        create_markdown_artifact(key=key, markdown=ingest.data_report_markdown(ingest.load_data_report(ref)),
+                                 description=description)
+
+
 @_task("ingest-corpus")
 def ingest_corpus(cfg: PipelineConfig) -> CorpusRef:
-    return ingest.ingest_corpus(cfg.corpus, _workspace(cfg), cfg.seed)
+    ref = ingest.ingest_corpus(cfg.corpus, _workspace(cfg), cfg.seed)
+    _data_report(ref, "corpus-data-report", "Corpus: documents after each cleaning step, per source and split; lengths")
+    return ref
 
 
 @_task("ingest-labeled")
 def ingest_labeled(cfg: PipelineConfig) -> LabeledRef:
-    return ingest.ingest_labeled(cfg.labeled, _workspace(cfg), cfg.seed)
+    ref = ingest.ingest_labeled(cfg.labeled, _workspace(cfg), cfg.seed)
+    _data_report(ref, "labeled-data-report", "Labeled data: rows and class balance per split")
+    return ref
 
 
 @_task("train-tokenizer")
@@ -108,9 +168,30 @@ def train_tokenizer(cfg: PipelineConfig, corpus: CorpusRef) -> TokenizerRef:
     return tokenize.train_tokenizer(corpus, cfg.tokenizer, _workspace(cfg))
 
 
+@_task("tokenize-plan")
+def plan_tokenize(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: TokenizerRef) -> tokenize.TokenizePlan:
+    return tokenize.plan_tokenize(corpus, tokenizer, _workspace(cfg), cfg.tokenizer.shard_mb)
+
+
+@_task("tokenize-shard")
+def tokenize_shard(shard: tokenize.ShardSpec) -> tokenize.ShardResult:
+    return tokenize.encode_shard(shard)
+
+
 @_task("tokenize")
+def pack_tokens(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: TokenizerRef, plan: tokenize.TokenizePlan,
+                shards: list[tokenize.ShardResult]) -> TokensRef:
+    return tokenize.pack_tokens(plan, shards, _workspace(cfg))
+
+
 def tokenize_corpus(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: TokenizerRef) -> TokensRef:
-    return tokenize.tokenize_corpus(corpus, tokenizer, _workspace(cfg))
+    """Tokenize inside a flow: plan the shards, encode them with one task each, pack.
+
+    The shard tasks are a ``.map`` on the flow's task runner: threads by default; worker processes or a
+    cluster with ``prefect_dask.DaskTaskRunner`` (the workspace must then be on storage every worker sees).
+    """
+    plan = plan_tokenize(cfg, corpus, tokenizer)
+    return pack_tokens(cfg, corpus, tokenizer, plan, tokenize_shard.map(plan.shards))
 
 
 @_task("pretrain", tags=["training"])
@@ -139,8 +220,11 @@ def evaluate_lm(cfg: PipelineConfig, lm: CheckpointRef, tokens: TokensRef) -> Re
 @_task("finetune", tags=["training"])
 def finetune_classifier(cfg: PipelineConfig, lm: CheckpointRef, labeled: LabeledRef) -> CheckpointRef:
     set_threads(cfg.runtime.threads)
-    return finetune.finetune(lm, labeled, cfg.finetune, _workspace(cfg), cfg.seed,
-                             on_progress=_progress("fine-tuning"))
+    ref = finetune.finetune(lm, labeled, cfg.finetune, _workspace(cfg), cfg.seed,
+                            on_progress=_progress("fine-tuning"))
+    create_markdown_artifact(key="finetune-summary", markdown=finetune.summary_markdown(ref.meta),
+                             description="Fine-tuning: method, parameters trained, stop and the weights kept")
+    return ref
 
 
 @_task("evaluate-classifier")
@@ -149,13 +233,13 @@ def evaluate_classifier(cfg: PipelineConfig, classifier: CheckpointRef, labeled:
     ref = evaluate.evaluate_classifier(classifier, labeled, cfg.evaluate, _workspace(cfg),
                                        cfg.finetune.max_length, cfg.seed)
     r = ref.load()
-    rows = [("llmpipe classifier", r["model"])] + [(name, m) for name, m in r["baselines"].items()]
-    create_markdown_artifact(
-        key="classifier-report",
-        markdown="## Classifier on the test split\n\n| model | accuracy | macro-F1 |\n|---|---|---|\n"
-        + "\n".join(f"| {n} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |" for n, m in rows),
-        description="Classifier evaluation beside baselines",
+    create_table_artifact(
+        key="classifier-vs-baselines",
+        table=[{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in r["comparison"]],
+        description="Classifier beside the majority and TF-IDF + logistic-regression baselines on the test split",
     )
+    create_markdown_artifact(key="classifier-report", markdown=evaluate.report_markdown(r),
+                             description="Classifier evaluation beside baselines")
     return ref
 
 
@@ -164,19 +248,94 @@ def lineage() -> dict[str, str]:
     return {
         "prefect.flow_run_id": str(flow_run.root_flow_run_id or flow_run.id or ""),
         "prefect.stage_flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_name": str(flow_run.flow_name or ""),
         "prefect.deployment_id": str(deployment.id or ""),
+        "prefect.deployment_name": str(deployment.name or ""),
     }
+
+
+@contextlib.contextmanager
+def stage_run(cfg: PipelineConfig, stage: str) -> Iterator[tuple[str, str]]:
+    """This task run's MLflow child run ``(experiment_id, run_id)``; a retry of the task reuses it."""
+    ids = {**lineage(), "prefect.task_run_id": str(task_run.id or ""), "prefect.task_name": str(task_run.task_name or "")}
+    with register.stage_run(cfg, ids, stage) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def mlflow_parent_run(cfg: PipelineConfig) -> Iterator[str]:
+    """The MLflow parent run of this flow run (one per root flow run; nested flows share it), linked from Prefect.
+
+    The flow that owns the run (the root flow, or the first tracked one) marks it FINISHED or FAILED at the end.
+    """
+    ids = lineage()
+    experiment_id, run_id, created = register.parent_run(cfg, ids, ids["prefect.flow_name"] or "llmpipe")
+    owner = created or ids["prefect.flow_run_id"] == ids["prefect.stage_flow_run_id"]
+    create_link_artifact(key="mlflow-run", link=register.run_url(cfg.registry, experiment_id, run_id),
+                         link_text=f"MLflow run {run_id}",
+                         description=f"MLflow parent run of this pipeline (tracking URI {register.tracking_uri()})")
+    try:
+        yield run_id
+    except BaseException:
+        if owner:
+            register.end_run(run_id, failed=True)
+        raise
+    if owner:
+        register.end_run(run_id)
+
+
+def tracked_flow(fn: Callable) -> Callable:
+    """Decorator for a flow function taking a ``PipelineConfig``: its body runs inside ``mlflow_parent_run``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cfg = next((v for v in (*args, *kwargs.values()) if isinstance(v, PipelineConfig)), None)
+        if cfg is None:
+            cfg = PipelineConfig()  # the flow's own default
+        with mlflow_parent_run(cfg):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _registry_artifacts(cfg: PipelineConfig, ref: register.ModelVersionRef, key: str) -> None:
+    create_link_artifact(key=key, link=register.version_url(cfg.registry, ref.name, ref.version),
+                         link_text=ref.uri, description=f"MLflow model version ({register.tracking_uri()})")
+
+
+@_task("register-lm", retries=3)
+def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None) -> register.ModelVersionRef:
+    set_threads(cfg.runtime.threads)
+    with stage_run(cfg, "register-lm") as run:
+        ref = register.register_lm(cfg, lm, lm_report, lineage(), run)
+    _registry_artifacts(cfg, ref, "mlflow-lm-version")
+    return ref
+
+
+def _gate_markdown(ref: register.ModelVersionRef) -> str:
+    g = ref.gate or {}
+    lines = [f"## Registered model\n\n- model: `{ref.uri}`" + (f" (`{ref.alias_uri}`)" if ref.alias_uri else ""),
+             f"- decision: {ref.decision}", f"- source language model: `{ref.lm_uri}`",
+             f"- MLflow run: `{ref.run_id}`", f"- tracking URI: `{register.tracking_uri()}`"]
+    if g.get("candidate_score") not in (None, "None"):
+        lines += ["", "### Gate", "", "| | value |", "|---|---|"]
+        for key in ("metric", "candidate_score", "champion_score", "champion_version", "delta", "margin", "test",
+                    "p_value", "alpha", "rows"):
+            if g.get(key) is not None:
+                value = g[key]
+                lines.append(f"| {key.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float)
+                             else f"| {key.replace('_', ' ')} | {value} |")
+    return "\n".join(lines) + "\n"
 
 
 @_task("register", retries=3)
 def register_classifier(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None,
-                        classifier: CheckpointRef, cls_report: ReportRef) -> register.ModelVersionRef:
-    ref = register.log_and_register(cfg, lm, lm_report, classifier, cls_report, lineage())
-    create_markdown_artifact(
-        key="registered-model",
-        markdown=(f"## Registered model\n\n- model: `{ref.uri}`" + (f" (`{ref.alias_uri}`)" if ref.alias_uri else "")
-                  + f"\n- decision: {ref.decision}\n- MLflow run: `{ref.run_id}`\n"
-                  f"- tracking URI: `{register.tracking_uri()}`\n"),
-        description="MLflow model registry",
-    )
+                        classifier: CheckpointRef, cls_report: ReportRef,
+                        labeled: LabeledRef | None = None) -> register.ModelVersionRef:
+    set_threads(cfg.runtime.threads)
+    with stage_run(cfg, "register") as run:
+        ref = register.log_and_register(cfg, lm, lm_report, classifier, cls_report, labeled, lineage(), run)
+    _registry_artifacts(cfg, ref, "mlflow-model-version")
+    create_markdown_artifact(key="registered-model", markdown=_gate_markdown(ref),
+                             description="MLflow model registry: version, alias and the gate's numbers")
     return ref

@@ -7,10 +7,10 @@ YAML presets and the Prefect UI's parameter form. The defaults are the quickstar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -21,48 +21,193 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class CorpusConfig(Section):
-    """Where pretraining text comes from."""
-
-    source: Literal["sample", "files"] = Field(
-        "sample", description="'sample': the built-in generated English corpus; 'files': local text files."
+def _weight() -> Any:
+    return Field(
+        1.0, gt=0, le=100,
+        description="Mixing weight: each training document of this source is written floor(weight) times, plus once "
+        "more for a share (the fractional part) of documents chosen by content hash; held-out splits are not weighted.",
     )
+
+
+def _text_columns() -> Any:
+    return Field(["text"], min_length=1,
+                 description="Columns (JSON keys) holding the text; several are joined with a newline.")
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class SampleSource(Section):
+    """The built-in generated English corpus."""
+
+    kind: Literal["sample"] = Field("sample", description="The built-in generated English corpus.")
+    documents: int = Field(3000, ge=10, description="Documents generated (from the pipeline seed).")
+    weight: float = _weight()
+
+
+class FilesSource(Section):
+    """Local files or glob patterns."""
+
+    kind: Literal["files"] = Field("files", description="Local files or glob patterns.")
     paths: list[str] = Field(
-        default_factory=list, description="Files or glob patterns of UTF-8 text, used when source='files'."
+        ..., min_length=1,
+        description="Files or glob patterns ('**' recurses); a path that exists is taken literally, even with [ ] * ?.",
+    )
+    format: Literal["auto", "txt", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; 'auto' goes by suffix (.jsonl, .json, .csv, .tsv, .parquet; anything else is "
+        "text).",
     )
     text_unit: Literal["file", "line", "paragraph"] = Field(
-        "paragraph", description="How a text file splits into documents: whole file, each line, or blank-line-separated blocks."
+        "paragraph", description="How a text file splits into documents: whole file, each line, or blank-line-separated "
+        "blocks.",
     )
-    sample_documents: int = Field(3000, ge=10, description="Documents generated when source='sample'.")
+    text_columns: list[str] = _text_columns()
+    has_header: bool = Field(True, description="Whether CSV/TSV files start with a header row (else columns are 0, 1, ...).")
+    weight: float = _weight()
+
+    _columns = field_validator("text_columns", mode="before")(_as_list)
+
+
+class HubSource(Section):
+    """A Hugging Face dataset through ``datasets.load_dataset`` (or a folder written by ``save_to_disk``)."""
+
+    kind: Literal["hub"] = Field("hub", description="A Hugging Face dataset.")
+    name: str = Field(
+        ..., min_length=1, description="Hub dataset name, a builder such as 'json' or 'parquet' with data_files, a local "
+        "folder of data files, or a folder written by Dataset.save_to_disk.",
+    )
+    config: str | None = Field(None, description="Dataset configuration (subset) name.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default: the main branch.")
+    data_files: list[str] = Field(default_factory=list, description="Data files for builders such as 'json' or 'csv'.")
+    text_columns: list[str] = _text_columns()
+    weight: float = _weight()
+
+    _columns = field_validator("text_columns", mode="before")(_as_list)
+
+
+class DataFrameSource(Section):
+    """A pandas DataFrame passed in from Python: ``ingest_corpus(cfg, ws, seed, frames={name: df})``."""
+
+    kind: Literal["dataframe"] = Field("dataframe", description="A pandas DataFrame passed in from Python.")
+    name: str = Field(..., min_length=1, description="Key of the DataFrame in the frames passed to ingest_corpus.")
+    text_columns: list[str] = _text_columns()
+    weight: float = _weight()
+
+    _columns = field_validator("text_columns", mode="before")(_as_list)
+
+
+CorpusSource = Annotated[SampleSource | FilesSource | HubSource | DataFrameSource, Field(discriminator="kind")]
+
+
+class CorpusConfig(Section):
+    """Where pretraining text comes from, and how it is cleaned and split."""
+
+    sources: list[CorpusSource] = Field(
+        default_factory=lambda: [SampleSource()], min_length=1,
+        description="Sources of documents, mixed by weight: each a 'kind' (sample, files, hub, dataframe) with its "
+        "options.",
+    )
     validation_fraction: float = Field(
         0.05, gt=0, lt=0.5, description="Share of documents held out for validation (chosen by a hash of each document)."
     )
+    test_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Share of documents held out for a test split (0: no test split)."
+    )
     min_chars: int = Field(1, ge=1, description="Documents shorter than this many characters are dropped.")
+    max_chars: int | None = Field(None, ge=1, description="Documents longer than this many characters are dropped.")
+    nfc: bool = Field(False, description="Normalise text to Unicode NFC before filtering and deduplication.")
+    dedup: bool = Field(True, description="Drop exact duplicate documents (by content hash).")
+    invalid_utf8: Literal["fail", "replace"] = Field(
+        "fail", description="Undecodable UTF-8 in a file: 'fail' names the file and byte offset; 'replace' substitutes "
+        "U+FFFD and counts it.",
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> CorpusConfig:
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
+        return self
 
 
 class LabeledConfig(Section):
     """Where labeled text for fine-tuning comes from."""
 
-    source: Literal["sample", "files"] = Field(
-        "sample", description="'sample': the built-in generated sentiment set; 'files': local CSV/TSV/JSONL files."
+    source: Literal["sample", "files", "hub", "dataframe"] = Field(
+        "sample", description="'sample': the built-in generated sentiment set; 'files': local CSV/TSV/JSONL/JSON/Parquet "
+        "files; 'hub': a Hugging Face dataset; 'dataframe': pandas DataFrames passed to ingest_labeled from Python.",
     )
-    train_path: str | None = Field(None, description="Training file (CSV, TSV or JSONL) when source='files'.")
+    train_path: str | None = Field(None, description="Training file (CSV, TSV, JSONL, JSON or Parquet) when source='files'.")
     validation_path: str | None = Field(None, description="Validation file; split off train (stratified) when absent.")
     test_path: str | None = Field(None, description="Test file; split off train (stratified) when absent.")
-    text_column: str = Field("text", description="Column holding the text.")
+    hub_name: str | None = Field(
+        None, description="Dataset for source='hub': a hub name, or a local folder (save_to_disk output, or data "
+        "files such as train.csv and test.csv).",
+    )
+    hub_config: str | None = Field(None, description="Dataset configuration (subset) name for source='hub'.")
+    hub_revision: str | None = Field(None, description="Hub revision for source='hub'.")
+    hub_train_split: str = Field("train", description="The dataset's split used for training (source='hub').")
+    hub_validation_split: str | None = Field(
+        "validation", description="The dataset's validation split (source='hub'); when null or absent, one is split "
+        "off train.",
+    )
+    hub_test_split: str | None = Field(
+        "test", description="The dataset's test split (source='hub'); when null or absent, one is split off train.",
+    )
+    text_column: str | list[str] = Field(
+        "text", description="Column holding the text; a list of columns is joined with a newline."
+    )
     label_column: str = Field("label", description="Column holding the label (string or integer).")
+    label_names: list[str] = Field(
+        default_factory=list, description="Names for integer labels 0, 1, ... in order, e.g. [negative, positive]; "
+        "when given, every label must be one of those integers.",
+    )
+    labels: list[str] = Field(
+        default_factory=list, description="The label set in id order; when given, any other label is an error "
+        "(default: discovered from the training split).",
+    )
     has_header: bool = Field(True, description="Whether CSV/TSV files start with a header row.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of train split off (stratified) for validation when none is given."
+    )
+    test_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of train split off (stratified) for test when none is given."
+    )
     sample_train: int = Field(4000, ge=20, description="Training examples generated when source='sample'.")
     sample_eval: int = Field(500, ge=10, description="Validation and test examples generated when source='sample'.")
 
+    @model_validator(mode="after")
+    def _source_fields(self) -> LabeledConfig:
+        if self.source == "files" and not self.train_path:
+            raise ValueError("labeled.train_path is required when labeled.source is 'files'")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("labeled.hub_name is required when labeled.source is 'hub'")
+        return self
+
+    @property
+    def text_columns(self) -> list[str]:
+        return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+
 
 class TokenizerConfig(Section):
-    """Byte-level BPE tokenizer trained on the pretraining corpus."""
+    """The tokenizer (a byte-level BPE trained on the corpus, or an existing one) and how the corpus is encoded."""
 
+    pretrained: str | None = Field(
+        None, description="Use this tokenizer instead of training one: a local folder or a Hugging Face hub name "
+        "(AutoTokenizer.from_pretrained).",
+    )
     vocab_size: int = Field(2048, ge=260, le=1_000_000, description="Vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
     eos_token: str = Field("<|endoftext|>", description="End-of-document token, also used as BOS and UNK.")
     pad_token: str = Field("<|pad|>", description="Padding token for classification batches.")
+    special_tokens: list[str] = Field(
+        default_factory=list, description="Further special tokens to reserve in the vocabulary."
+    )
+    shard_mb: float = Field(
+        16.0, gt=0, le=4096,
+        description="Corpus megabytes per tokenize shard (one task per shard); changes parallelism, not the tokens.",
+    )
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -184,8 +329,43 @@ class FinetuneConfig(TrainConfig):
     lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     max_length: int = Field(64, ge=4, description="Texts are truncated to this many tokens.")
+    truncation_side: Literal["right", "left"] = Field(
+        "right", description="Which end of a text longer than max_length is cut: 'right' keeps the beginning, 'left' "
+        "keeps the end.",
+    )
     eval_every: int = Field(100, ge=1, description="Steps between validation passes.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
+    init_from: str | None = Field(
+        None, description="Fine-tune this Hugging Face checkpoint (a local directory or hub name; decoders and "
+        "encoders such as BERT) with its own tokenizer instead of the pipeline's pretrained LM.",
+    )
+    method: Literal["full", "lora"] = Field(
+        "full", description="'full': train every weight; 'lora': train low-rank adapters (peft) and the "
+        "classification head, then merge them into the saved model.",
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_target_modules: list[str] = Field(
+        default_factory=list, description="Module names that get adapters; empty: peft's default for the "
+        "architecture (GPT-2: c_attn; Llama: q_proj, v_proj; BERT: query, value).",
+    )
+    group_by_length: bool = Field(
+        True, description="Batch texts of similar length together (less padding); batches are still drawn in "
+        "random order.",
+    )
+    length_group_batches: int = Field(
+        50, ge=1, description="With group_by_length: texts are sorted by length within windows of this many batches.",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="'balanced': weight each class's loss by n / (classes x count), for imbalanced sets.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validation passes without a better macro-F1 (null: never).",
+    )
+    restore_best: bool = Field(
+        True, description="Keep the weights of the validation pass with the best macro-F1, not the last step's.",
+    )
 
 
 class EvaluateConfig(Section):
@@ -194,6 +374,16 @@ class EvaluateConfig(Section):
     samples: int = Field(3, ge=0, description="Text samples generated from the LM for the report.")
     sample_tokens: int = Field(40, ge=1, description="New tokens per generated sample.")
     batch_size: int = Field(64, ge=1, description="Batch size for evaluation passes.")
+    calibration_bins: int = Field(15, ge=1, le=1000, description="Equal-width confidence bins for the expected "
+                                  "calibration error.")
+    confident_mistakes: int = Field(10, ge=0, description="Most confident wrong test predictions listed in the report.")
+    lm_heldout_paths: list[str] = Field(
+        default_factory=list, description="UTF-8 text files scored by the LM as external held-out sets (perplexity "
+        "and bits per byte), e.g. WikiText-2 valid.txt and test.txt.",
+    )
+    lm_heldout_max_tokens: int | None = Field(
+        200_000, ge=1, description="Score at most this many tokens of each held-out file (null: all of it).",
+    )
 
 
 class RegistryConfig(Section):
@@ -209,6 +399,35 @@ class RegistryConfig(Section):
     )
     champion_alias: str = Field("champion", description="Alias given to the best version.")
     challenger_alias: str = Field("challenger", description="Alias given to a new version that did not win.")
+    lm_model_name: str | None = Field(
+        None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="Registered model name for the language model; default: '<model_name>-lm'.",
+    )
+    significance_test: Literal["bootstrap", "mcnemar"] = Field(
+        "bootstrap", description="Gate test on the paired test-set predictions: 'bootstrap' resamples the metric, "
+        "'mcnemar' is the exact test on the rows only one model gets right.",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="A new version replaces the champion only if the test's p-value is below this."
+    )
+    margin: float = Field(
+        0.0, ge=0, lt=1, description="A new version replaces the champion only if its metric is higher by more than this."
+    )
+    bootstrap_samples: int = Field(2000, ge=100, le=100_000, description="Resamples for the paired bootstrap test.")
+    ui_url: str | None = Field(
+        None, description="MLflow UI address for links in Prefect artifacts; default: the tracking URI when it is "
+        "http(s), else http://127.0.0.1:5000 (`mlflow ui`).",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> RegistryConfig:
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError(f"champion_alias and challenger_alias must differ (both {self.champion_alias!r})")
+        return self
+
+    @property
+    def lm_name(self) -> str:
+        return self.lm_model_name or f"{self.model_name}-lm"
 
 
 class RuntimeConfig(Section):
@@ -238,13 +457,9 @@ class PipelineConfig(Section):
         if self.pretrain.block_size > self.model.n_positions:
             problems.append(f"pretrain.block_size ({self.pretrain.block_size}) exceeds model.n_positions "
                             f"({self.model.n_positions})")
-        if self.finetune.max_length > self.model.n_positions:
+        if self.finetune.init_from is None and self.finetune.max_length > self.model.n_positions:
             problems.append(f"finetune.max_length ({self.finetune.max_length}) exceeds model.n_positions "
                             f"({self.model.n_positions})")
-        if self.corpus.source == "files" and not self.corpus.paths:
-            problems.append("corpus.paths must list at least one file when corpus.source is 'files'")
-        if self.labeled.source == "files" and not self.labeled.train_path:
-            problems.append("labeled.train_path is required when labeled.source is 'files'")
         if problems:
             raise ValueError("; ".join(problems))
         return self

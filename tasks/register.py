@@ -156,16 +156,25 @@ def artifact_lineage(*refs: ArtifactRef) -> dict[str, str]:
     return out
 
 
+def local_artifact_root(tracking_uri: str) -> Path | None:
+    """``mlartifacts/`` beside a SQLite store (``sqlite:///mlflow.db`` -> ``./mlartifacts``); None for a server."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACT_DIR
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        return Path(DEFAULT_ARTIFACT_DIR).resolve()
+    return None
+
+
 def ensure_experiment(name: str) -> str:
-    """The experiment id; a new experiment on a local store keeps its artifacts in ``./mlartifacts``."""
+    """The experiment id; a new experiment on a SQLite store keeps its artifacts in ``mlartifacts/`` beside it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    uri = mlflow.get_tracking_uri()
-    location = Path(DEFAULT_ARTIFACT_DIR).resolve().as_uri() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+    root = local_artifact_root(mlflow.get_tracking_uri())
+    location = root.as_uri() if root else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException:  # another run created it between our lookup and create
