@@ -1,4 +1,6 @@
-"""Evaluation: LM perplexity against a unigram baseline; classifier metrics against baselines."""
+"""Evaluation: the LM's perplexity and bits per byte beside a unigram baseline (on its validation split and
+on external held-out text); the classifier's accuracy, macro-F1, per-class scores, confusion matrix and
+calibration beside a majority-class and a TF-IDF + logistic-regression baseline trained on the same split."""
 
 from __future__ import annotations
 
@@ -16,17 +18,24 @@ from tasks.artifacts import (
     ReportRef,
     TokensRef,
     Workspace,
+    file_sha256,
     fingerprint,
     write_json,
 )
 from tasks.config import EvaluateConfig
+from tasks.errors import DataError
 from tasks.ingest import load_id2label, load_split
 from tasks.tokenize import open_tokens
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "evaluate-1"
+STAGE_VERSION = "evaluate-2"
 SAMPLE_PROMPTS = ("The", "I thought the film", "In the morning")
+CONFUSION_PNG = "confusion_matrix.png"
+MODEL = "model"
+
+
+# ---------------------------------------------------------------------------------------------- language model
 
 
 def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
@@ -36,14 +45,64 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
     return float(-logp[np.asarray(val, dtype=np.int64)].mean())
 
 
+def _heldout_files(cfg: EvaluateConfig) -> list[Path]:
+    paths = [Path(p).expanduser() for p in cfg.lm_heldout_paths]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"evaluate.lm_heldout_paths: {p} is not a file")
+    return paths
+
+
+def heldout_name(path: Path) -> str:
+    """The report key of a held-out file: its folder and name (``wikitext2/valid.txt``)."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def score_text_file(model, tokenizer, path: Path, block_size: int, batch_size: int,
+                    max_tokens: int | None) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of the LM on a text file (at most its first ``max_tokens`` tokens).
+
+    Bits per byte is the loss in bits over the bytes per token of the lines read."""
+    from tasks.pretrain import lm_eval_loss
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
+    lines = text.splitlines(keepends=True)
+    ids: list[int] = []
+    n_bytes = 0
+    limit = math.inf if max_tokens is None else max_tokens
+    for start in range(0, len(lines), 1024):
+        if len(ids) > limit:
+            break
+        chunk = lines[start : start + 1024]
+        for line, line_ids in zip(chunk, tokenizer(chunk, add_special_tokens=False)["input_ids"], strict=True):
+            if len(ids) > limit:
+                break
+            ids.extend(line_ids)
+            n_bytes += len(line.encode("utf-8"))
+    if len(ids) < block_size + 1:
+        raise DataError(f"{path}: {len(ids)} tokens, fewer than one block of {block_size} to score")
+    bytes_per_token = n_bytes / len(ids)  # over the whole lines read
+    scored = ids if max_tokens is None else ids[: max_tokens + 1]
+    loss, n_scored = lm_eval_loss(model, np.asarray(scored, dtype=np.int64), block_size, batch_size)
+    return {"loss": loss, "ppl": math.exp(loss), "bits_per_byte": loss / math.log(2) / bytes_per_token,
+            "tokens_scored": n_scored, "bytes_per_token": bytes_per_token, "path": str(path)}
+
+
 def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, workspace: Workspace,
                 block_size: int, seed: int = 0) -> ReportRef:
-    """Validation loss, perplexity and bits per byte on the whole validation split, beside a unigram baseline."""
+    """Loss, perplexity and bits per byte on the whole validation split beside a unigram baseline, and on
+    each of ``cfg.lm_heldout_paths``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.pretrain import lm_eval_loss
 
-    fp = fingerprint(STAGE_VERSION, "lm", lm.fingerprint, tokens.fingerprint, cfg, block_size, seed)
+    heldout = _heldout_files(cfg)
+    settings = cfg.model_dump(include={"samples", "sample_tokens", "batch_size", "lm_heldout_max_tokens"})
+    fp = fingerprint(STAGE_VERSION, "lm", lm.fingerprint, tokens.fingerprint, settings,
+                     [(str(p), file_sha256(p)) for p in heldout], block_size, seed)
 
     def build(out: Path) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(lm.dir))
@@ -53,6 +112,8 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
         unigram = unigram_cross_entropy(open_tokens(tokens, "train"), val, tokens.meta["vocab_size"])
         split = tokens.meta["splits"]["validation"]
         bytes_per_token = split["bytes_text"] / split["tokens"]
+        scored = {heldout_name(p): score_text_file(model, tokenizer, p, block_size, cfg.batch_size,
+                                                   cfg.lm_heldout_max_tokens) for p in heldout}
         torch.manual_seed(seed)
         samples = []
         for prompt in SAMPLE_PROMPTS[: cfg.samples]:
@@ -67,11 +128,15 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
             "val_tokens_scored": n_scored,
             "unigram_loss": unigram,
             "unigram_ppl": math.exp(unigram),
+            "heldout": scored,
             "samples": samples,
         }
         write_json(out / "report.json", report)
         log.info("LM: val loss %.3f, perplexity %.1f (unigram baseline %.1f), %.3f bits/byte",
                  loss, report["val_ppl"], report["unigram_ppl"], report["val_bits_per_byte"])
+        for name, r in scored.items():
+            log.info("LM on %s: perplexity %.1f, %.3f bits/byte over %d tokens", name, r["ppl"], r["bits_per_byte"],
+                     r["tokens_scored"])
         for s in samples:
             log.info("sample: %s", s.replace("\n", " "))
         return {k: v for k, v in report.items() if k != "samples"}
@@ -80,11 +145,18 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
                                  inputs={"lm": lm.fingerprint, "tokens": tokens.fingerprint})
 
 
+# ---------------------------------------------------------------------------------------------- classifier metrics
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix."""
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows: true, columns: predicted).
+
+    A class never predicted has precision 0, one absent from ``y_true`` recall 0 (scikit-learn's
+    ``zero_division=0``); macro-F1 averages over every label.
+    """
     k = len(labels)
     cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     tp = np.diag(cm).astype(np.float64)
     precision = np.divide(tp, cm.sum(0), out=np.zeros(k), where=cm.sum(0) > 0)
     recall = np.divide(tp, cm.sum(1), out=np.zeros(k), where=cm.sum(1) > 0)
@@ -98,58 +170,178 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     }
 
 
-def baselines(train_texts: list[str], train_y: np.ndarray, test_texts: list[str], test_y: np.ndarray,
-              labels: list[str], seed: int) -> dict[str, dict[str, Any]]:
-    """Majority class and TF-IDF + logistic regression, trained on train and scored on the same test set."""
+def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error of the top-label confidence over equal-width bins (lo, hi].
+
+    ECE = sum over bins of (rows in bin / rows) x |accuracy in bin - mean confidence in bin|.
+    """
+    confidence = proba.max(axis=1).astype(np.float64)
+    correct = (proba.argmax(axis=1) == np.asarray(y_true)).astype(np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        in_bin = which == b
+        n = int(in_bin.sum())
+        if not n:
+            continue
+        acc, conf = float(correct[in_bin].mean()), float(confidence[in_bin].mean())
+        ece += n / len(confidence) * abs(acc - conf)
+        table.append({"low": b / bins, "high": (b + 1) / bins, "rows": n, "accuracy": acc, "confidence": conf})
+    return {"ece": ece, "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0, "bins": table}
+
+
+def confident_mistakes(texts: list[str], y_true: np.ndarray, proba: np.ndarray, labels: list[str],
+                       n: int) -> list[dict[str, Any]]:
+    """The ``n`` wrong predictions made with the highest confidence, most confident first."""
+    pred, conf = proba.argmax(axis=1), proba.max(axis=1)
+    wrong = np.flatnonzero(pred != y_true)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:n]
+    return [{"row": int(i), "text": texts[i][:500], "label": labels[int(y_true[i])], "predicted": labels[int(pred[i])],
+             "confidence": float(conf[i])} for i in wrong]
+
+
+def baseline_predictions(train_texts: list[str], train_y: np.ndarray, test_texts: list[str], n_labels: int,
+                         seed: int) -> dict[str, np.ndarray]:
+    """Class probabilities on the test texts of a majority-class model (the training class frequencies for
+    every row) and of TF-IDF (word 1-2 grams) + logistic regression, both fit on the training split."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    majority = int(np.bincount(train_y, minlength=len(labels)).argmax())
+    prior = np.bincount(train_y, minlength=n_labels) / len(train_y)
+    majority = np.tile(prior, (len(test_texts), 1))  # argmax: the most frequent class (the first, on a tie)
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
     clf = LogisticRegression(max_iter=2000, C=10.0, random_state=seed)
     clf.fit(vec.fit_transform(train_texts), train_y)
-    return {
-        "majority": classification_metrics(test_y, np.full_like(test_y, majority), labels),
-        "tfidf_logreg": classification_metrics(test_y, clf.predict(vec.transform(test_texts)), labels),
-    }
+    tfidf = np.zeros((len(test_texts), n_labels))
+    tfidf[:, clf.classes_] = clf.predict_proba(vec.transform(test_texts))
+    return {"majority": majority, "tfidf_logreg": tfidf}
+
+
+def baselines(train_texts: list[str], train_y: np.ndarray, test_texts: list[str], test_y: np.ndarray,
+              labels: list[str], seed: int) -> dict[str, dict[str, Any]]:
+    """Majority class and TF-IDF + logistic regression, trained on train and scored on the same test set."""
+    proba = baseline_predictions(train_texts, train_y, test_texts, len(labels), seed)
+    return {name: classification_metrics(test_y, p.argmax(axis=1), labels) for name, p in proba.items()}
+
+
+def plot_confusion_matrix(cm: list[list[int]], labels: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(cm)
+    size = max(3.5, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    rates = m / np.maximum(1, m.sum(axis=1, keepdims=True))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def comparison_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model (the classifier, then each baseline): accuracy, macro-F1, ECE and per-class F1."""
+    rows = []
+    for name, m in [(MODEL, report["model"]), *report["baselines"].items()]:
+        row = {"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+               "ece": report["calibration"][name]["ece"]}
+        row.update({f"f1_{label}": c["f1"] for label, c in m["per_class"].items()})
+        rows.append(row)
+    return rows
 
 
 def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateConfig, workspace: Workspace,
                         max_length: int, seed: int = 0) -> ReportRef:
-    """Score the fine-tuned classifier on the test split beside the baselines."""
+    """Score the fine-tuned classifier on the test split beside baselines fit on the train split.
+
+    The report (``report.json``) holds, for the model and for each baseline, accuracy, macro-F1, per-class
+    precision/recall/F1 and the confusion matrix (``model``, ``baselines``), their calibration
+    (``calibration``: ECE and the reliability bins), the most confident mistakes, the test predictions, and a
+    ``comparison`` table; ``confusion_matrix.png`` plots the model's confusion matrix.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from tasks.finetune import encode_texts, predict_proba
 
-    fp = fingerprint(STAGE_VERSION, "cls", clf.fingerprint, labeled.fingerprint, cfg, max_length, seed)
+    settings = cfg.model_dump(include={"batch_size", "calibration_bins", "confident_mistakes"})
+    fp = fingerprint(STAGE_VERSION, "cls", clf.fingerprint, labeled.fingerprint, settings, max_length, seed)
 
     def build(out: Path) -> dict[str, Any]:
-        model = AutoModelForSequenceClassification.from_pretrained(str(clf.dir))
-        tokenizer = AutoTokenizer.from_pretrained(str(clf.dir))
         id2label = load_id2label(labeled)
         labels = [id2label[i] for i in range(len(id2label))]
         train_rows, test_rows = load_split(labeled, "train"), load_split(labeled, "test")
+        if not test_rows:
+            raise DataError(f"{labeled.dir / 'test.jsonl'}: the test split is empty")
+        model = AutoModelForSequenceClassification.from_pretrained(str(clf.dir))
+        if model.config.num_labels != len(labels):
+            raise DataError(f"{clf.dir}: the classifier has {model.config.num_labels} labels, the labeled data "
+                            f"{labeled.dir} has {len(labels)} ({', '.join(labels)})")
+        tokenizer = AutoTokenizer.from_pretrained(str(clf.dir))
         test_texts = [r["text"] for r in test_rows]
         y_test = np.array([r["label"] for r in test_rows], dtype=np.int64)
-        proba = predict_proba(model, encode_texts(tokenizer, test_texts, max_length), tokenizer.pad_token_id,
-                              cfg.batch_size)
-        y_pred = proba.argmax(-1)
+        proba = {MODEL: predict_proba(model, encode_texts(tokenizer, test_texts, max_length), tokenizer.pad_token_id,
+                                      cfg.batch_size)}
+        proba.update(baseline_predictions([r["text"] for r in train_rows],
+                                          np.array([r["label"] for r in train_rows], dtype=np.int64),
+                                          test_texts, len(labels), seed))
+        metrics = {name: classification_metrics(y_test, p.argmax(axis=1), labels) for name, p in proba.items()}
         report = {
-            "model": classification_metrics(y_test, y_pred, labels),
-            "baselines": baselines([r["text"] for r in train_rows], np.array([r["label"] for r in train_rows]),
-                                   test_texts, y_test, labels, seed),
+            "split": "test",
             "labels": labels,
             "test_rows": len(test_rows),
             "test_fingerprint": labeled.fingerprint,
-            "predictions": y_pred.tolist(),
+            MODEL: metrics.pop(MODEL),
+            "baselines": metrics,
+            "calibration": {name: calibration(y_test, p, cfg.calibration_bins) for name, p in proba.items()},
+            "confident_mistakes": confident_mistakes(test_texts, y_test, proba[MODEL], labels, cfg.confident_mistakes),
+            "predictions": proba[MODEL].argmax(axis=1).tolist(),
+            "confusion_matrix_png": CONFUSION_PNG,
         }
+        report["comparison"] = comparison_rows(report)
+        m = report[MODEL]
+        plot_confusion_matrix(m["confusion_matrix"], labels, f"test accuracy {m['accuracy']:.3f}, macro-F1 "
+                              f"{m['macro_f1']:.3f} ({len(test_rows)} rows)", out / CONFUSION_PNG)
         write_json(out / "report.json", report)
         b = report["baselines"]
-        log.info("classifier: test accuracy %.4f, macro-F1 %.4f (TF-IDF+LR %.4f / %.4f, majority %.4f)",
-                 report["model"]["accuracy"], report["model"]["macro_f1"], b["tfidf_logreg"]["accuracy"],
+        log.info("classifier: test accuracy %.4f, macro-F1 %.4f, ECE %.4f (TF-IDF+LR %.4f / %.4f, majority %.4f)",
+                 m["accuracy"], m["macro_f1"], report["calibration"][MODEL]["ece"], b["tfidf_logreg"]["accuracy"],
                  b["tfidf_logreg"]["macro_f1"], b["majority"]["accuracy"])
-        return {"accuracy": report["model"]["accuracy"], "macro_f1": report["model"]["macro_f1"],
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                 "tfidf_logreg_accuracy": b["tfidf_logreg"]["accuracy"], "majority_accuracy": b["majority"]["accuracy"]}
 
     return workspace.materialize(ReportRef, fp, build, stage="evaluate_classifier",
                                  inputs={"classifier": clf.fingerprint, "labeled": labeled.fingerprint})
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The classifier report for people: model beside baselines, per-class scores, confusion matrix, mistakes."""
+    labels = report["labels"]
+    rows = report.get("comparison") or comparison_rows(report)
+    lines = [f"## Classifier on the {report.get('split', 'test')} split ({report['test_rows']} rows)", "",
+             "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |" for r in rows]
+    lines += ["", "### Per class (model)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+              for name, c in report[MODEL]["per_class"].items()]
+    lines += ["", "### Confusion matrix (rows: true, columns: predicted)", "",
+              "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| **{labels[i]}** | " + " | ".join(str(v) for v in row) + " |"
+              for i, row in enumerate(report[MODEL]["confusion_matrix"])]
+    mistakes = report.get("confident_mistakes") or []
+    if mistakes:
+        lines += ["", "### Most confident mistakes", "", "| confidence | true | predicted | text |", "|---|---|---|---|"]
+        lines += [f"| {m['confidence']:.3f} | {m['label']} | {m['predicted']} | "
+                  f"{m['text'][:160].replace('|', '/').replace(chr(10), ' ')} |" for m in mistakes]
+    return "\n".join(lines) + "\n"

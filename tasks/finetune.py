@@ -1,30 +1,52 @@
-"""Sequence-classification fine-tuning from the pretrained causal LM (last-token pooling)."""
+"""Sequence-classification fine-tuning: from the pipeline's LM or any Hugging Face checkpoint, full or LoRA.
+
+Decoders (GPT-2, Llama) classify from the last real token (``AutoModelForSequenceClassification``
+with the pad token set); encoders (BERT and kin) from their own pooler. Batches are padded only to
+their longest text and, by default, grouped by length; the loss can weight classes by inverse
+frequency. Validation macro-F1 is measured every ``eval_every`` steps: training can stop when it
+stops improving, and the weights of the best pass are the ones kept. Training runs on the shared
+engine (``tasks.training``), so checkpoints, exact resume and the metric history work as in
+pretraining.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, fingerprint, write_json
+from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, file_sha256, fingerprint, write_json
 from tasks.config import FinetuneConfig
+from tasks.errors import ConfigError, DataError
+from tasks.evaluate import classification_metrics
 from tasks.ingest import load_id2label, load_split
-from tasks.training import ShuffledIndices, seed_everything, train
+from tasks.training import ShuffledIndices, epoch_permutation, list_checkpoints, seed_everything, train
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "finetune-1"
-OBSERVE_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+STAGE_VERSION = "finetune-2"
+# Settings that change how training is observed or resumed, not the weights it produces.
+OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops"}
+BEST_FILE = "best.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- data
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)
-    return [ids or [tokenizer.eos_token_id] for ids in enc["input_ids"]]
+    """Token ids per text, truncated to ``max_length`` on the tokenizer's ``truncation_side``, with the
+    model's special tokens (none for the pipeline's byte-level BPE; [CLS] ... [SEP] for BERT)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.unk_token_id
+    return [ids or [fallback] for ids in enc["input_ids"]]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,12 +60,56 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-class ClassificationBatches:
-    """Shuffled, dynamically padded batches of (text, label) pairs."""
+class LengthGroupedIndices:
+    """Batches of texts of similar length, in random order.
 
-    def __init__(self, seqs: list[list[int]], labels: list[int], batch_size: int, pad_id: int, seed: int):
+    Each epoch is a permutation from (seed, epoch), cut into windows of ``group`` batches; each window
+    is sorted by length and cut into batches, and all the epoch's batches are shuffled. The position
+    is (epoch, batch), so the order survives a restart exactly.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int):
+        if not lengths:
+            raise ValueError("cannot draw batches from an empty set")
+        self.lengths, self.batch_size, self.seed, self.group = np.asarray(lengths), batch_size, seed, group
+        self.epoch, self.pos = 0, 0
+        self._batches = self._plan(0)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        perm = epoch_permutation(len(self.lengths), self.seed, epoch)
+        window = self.batch_size * self.group
+        batches = []
+        for start in range(0, len(perm), window):
+            chunk = perm[start : start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
+        return [batches[i] for i in order]
+
+    def next_indices(self) -> np.ndarray:
+        batch = self._batches[self.pos]
+        self.pos += 1
+        if self.pos >= len(self._batches):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._batches = self._plan(self.epoch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._batches = self._plan(self.epoch)
+
+
+class ClassificationBatches:
+    """Shuffled, dynamically padded batches of (text, label) pairs; length-grouped when ``group`` is given."""
+
+    def __init__(self, seqs: list[list[int]], labels: list[int], batch_size: int, pad_id: int, seed: int,
+                 group: int | None = None):
         self.seqs, self.labels, self.pad_id = seqs, labels, pad_id
-        self.order = ShuffledIndices(len(seqs), batch_size, seed)
+        self.order = (LengthGroupedIndices([len(s) for s in seqs], batch_size, seed, group) if group
+                      else ShuffledIndices(len(seqs), batch_size, seed))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         idx = self.order.next_indices()
@@ -58,77 +124,284 @@ class ClassificationBatches:
         self.order.load_state_dict(state)
 
 
-def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
+def class_weights(labels: list[int], n_classes: int) -> list[float]:
+    """Inverse-frequency weights n / (classes x count), as scikit-learn's 'balanced'."""
+    counts = np.bincount(labels, minlength=n_classes)
+    if (counts == 0).any():
+        raise DataError(f"finetune.class_weights='balanced': class id(s) {np.flatnonzero(counts == 0).tolist()} "
+                        "have no training examples")
+    return (len(labels) / (n_classes * counts)).tolist()
+
+
+def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the model's logits, optionally class-weighted."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if weight is not None:
+        weight = weight.to(logits.device)
+    return F.cross_entropy(logits.float(), batch["labels"], weight=weight)
 
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
     """Class probabilities for each sequence; batches sorted by length to pad little."""
     model.eval()
+    device = next(model.parameters()).device
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
+    out: np.ndarray | None = None
     for start in range(0, len(seqs), batch_size):
         idx = order[start : start + batch_size]
-        logits = model(**pad_batch([seqs[i] for i in idx], pad_id)).logits
-        out[idx] = torch.softmax(logits.float(), dim=-1).numpy()
-    return out
+        batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
+        proba = torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy()
+        if out is None:
+            out = np.zeros((len(seqs), proba.shape[1]), dtype=np.float32)
+        out[idx] = proba
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-def load_classifier_from_lm(lm_dir: Path, id2label: dict[int, str], pad_id: int):
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _check_source(init_from: str) -> None:
+    """A local directory must be a ``save_pretrained`` folder; anything else is taken as a hub name."""
+    path = Path(init_from).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"finetune.init_from={init_from}: {path} has no config.json; expected a Hugging Face "
+                              "checkpoint directory (save_pretrained output)")
+    elif init_from.startswith(("/", ".", "~")) or init_from.count("/") > 1:
+        raise ConfigError(f"finetune.init_from={init_from}: no such directory")
+
+
+def _source_identity(init_from: str) -> Any:
+    """What names the starting weights: file hashes of a local checkpoint, or the hub name."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        return sorted((f.relative_to(path).as_posix(), file_sha256(f)) for f in path.rglob("*") if f.is_file())
+    return init_from
+
+
+def _context_length(config: Any) -> int | None:
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def load_tokenizer(source: str | Path, cfg: FinetuneConfig):
+    """The source's tokenizer, truncating as configured, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), truncation_side=cfg.truncation_side,
+                                              model_max_length=cfg.max_length)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{source}: the tokenizer has neither a pad nor an EOS token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_classifier(source: str | Path, id2label: dict[int, str], pad_id: int, max_length: int):
+    """A sequence classifier with a fresh head of ``len(id2label)`` classes on top of ``source``'s weights."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(lm_dir), num_labels=len(id2label), id2label=id2label,
-        label2id={v: k for k, v in id2label.items()}, pad_token_id=pad_id,
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(source), num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        pad_token_id=pad_id, ignore_mismatched_sizes=True,
     )
+    model.config.pad_token_id = pad_id
+    context = _context_length(model.config)
+    if context is not None and max_length > context:
+        raise ConfigError(f"finetune.max_length ({max_length}) exceeds the context of {source} ({context} tokens)")
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters; the classification head is trained in full (peft's modules_to_save)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules or None,
+                      fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's layers are Conv1D (in x out)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"finetune.lora_target_modules={cfg.lora_target_modules or '(peft default)'}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- best weights
+
+
+class BestWeights:
+    """The weights of the best validation pass so far, in one safetensors file under the run's work dir.
+
+    The score and step travel in the file's metadata, and the file is replaced atomically, so a
+    restarted run knows what it has to beat.
+    """
+
+    def __init__(self, work_dir: Path, fresh: bool):
+        self.path = work_dir / BEST_FILE
+        if fresh:
+            self.path.unlink(missing_ok=True)
+
+    def info(self) -> dict[str, float] | None:
+        from safetensors import safe_open
+
+        if not self.path.is_file():
+            return None
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata()
+        return {"step": int(meta["step"]), "val_macro_f1": float(meta["val_macro_f1"])}
+
+    def offer(self, model: torch.nn.Module, step: int, score: float) -> None:
+        from safetensors.torch import save_model
+
+        best = self.info()
+        if best is not None and score <= best["val_macro_f1"]:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        save_model(model, str(tmp), metadata={"step": str(step), "val_macro_f1": repr(score)})
+        tmp.replace(self.path)
+
+    def restore(self, model: torch.nn.Module) -> dict[str, float] | None:
+        from safetensors.torch import load_model
+
+        best = self.info()
+        if best is not None:
+            load_model(model, str(self.path), device=str(next(model.parameters()).device))
+        return best
+
+
+def patience_exhausted(evals: list[dict[str, float]], patience: int) -> bool:
+    """True once ``patience`` validation passes in a row brought no better macro-F1 than the best before them."""
+    scores = [e["val_macro_f1"] for e in evals]
+    return len(scores) - 1 - int(np.argmax(scores)) >= patience
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def finetune_fingerprint(lm: CheckpointRef | None, labeled: LabeledRef, cfg: FinetuneConfig, seed: int) -> str:
+    observe_only = set(OBSERVE_ONLY)
+    if not (cfg.restore_best or cfg.early_stopping_patience):
+        observe_only.add("eval_every")  # validation then only watches; otherwise it picks the weights
+    base = _source_identity(cfg.init_from) if cfg.init_from else lm.fingerprint if lm else None
+    return fingerprint(STAGE_VERSION, base, labeled.fingerprint, cfg.model_dump(exclude=observe_only), seed)
 
 
 def finetune(
-    lm: CheckpointRef,
+    lm: CheckpointRef | None,
     labeled: LabeledRef,
     cfg: FinetuneConfig,
     workspace: Workspace,
     seed: int = 0,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> CheckpointRef:
-    """Fine-tune a sequence classifier starting from the pretrained LM checkpoint."""
-    from transformers import AutoTokenizer
+    """Fine-tune a sequence classifier from the pipeline's LM ``lm`` (or ``cfg.init_from``) on ``labeled``.
 
-    fp = fingerprint(STAGE_VERSION, lm.fingerprint, labeled.fingerprint, cfg.model_dump(exclude=OBSERVE_ONLY), seed)
+    The artifact is a ``save_pretrained`` classifier (LoRA merged in) with its tokenizer, ``training.json``
+    and, for LoRA, the adapter and head under ``adapter/``.
+    """
+    if cfg.init_from:
+        _check_source(cfg.init_from)
+    elif lm is None:
+        raise ConfigError("finetune: no pretrained LM given and finetune.init_from is not set")
+    source = cfg.init_from or lm.dir
+    fp = finetune_fingerprint(lm, labeled, cfg, seed)
     work_dir = workspace.work_dir("checkpoints", fp)
 
     def build(out: Path) -> dict[str, Any]:
         seed_everything(seed)
-        tokenizer = AutoTokenizer.from_pretrained(str(lm.dir))
         id2label = load_id2label(labeled)
-        model = load_classifier_from_lm(lm.dir, id2label, tokenizer.pad_token_id)
         train_rows, val_rows = load_split(labeled, "train"), load_split(labeled, "validation")
+        for split, rows in (("train", train_rows), ("validation", val_rows)):
+            if not rows:
+                raise DataError(f"{labeled.dir / (split + '.jsonl')}: the {split} split is empty")
+        train_labels = [int(r["label"]) for r in train_rows]
+        weights = class_weights(train_labels, len(id2label)) if cfg.class_weights == "balanced" else None
+        try:
+            tokenizer = load_tokenizer(source, cfg)
+            model = load_classifier(source, id2label, tokenizer.pad_token_id, cfg.max_length)
+        except OSError as exc:
+            if cfg.init_from:
+                raise ConfigError(f"finetune.init_from={cfg.init_from}: cannot load it ({exc})") from None
+            raise DataError(f"{source}: cannot load the pretrained LM ({exc})") from None
+        n_params = sum(p.numel() for p in model.parameters())
+        if cfg.method == "lora":
+            model = apply_lora(model, cfg)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         train_seqs = encode_texts(tokenizer, [r["text"] for r in train_rows], cfg.max_length)
         val_seqs = encode_texts(tokenizer, [r["text"] for r in val_rows], cfg.max_length)
-        val_labels = np.array([r["label"] for r in val_rows])
-        source = ClassificationBatches(train_seqs, [r["label"] for r in train_rows], cfg.batch_size,
-                                       tokenizer.pad_token_id, seed)
+        val_labels = np.array([int(r["label"]) for r in val_rows])
+        labels = [id2label[i] for i in range(len(id2label))]
+        pad_id = tokenizer.pad_token_id
+        batches = ClassificationBatches(train_seqs, train_labels, cfg.batch_size, pad_id, seed,
+                                        cfg.length_group_batches if cfg.group_by_length else None)
+        truncated = sum(len(s) >= cfg.max_length for s in train_seqs)
+        log.info("finetune: %s (%s) from %s, %.2fM parameters (%.2fM trained), %d train / %d validation texts, "
+                 "%d labels, %d train texts at max_length=%d", model.config.model_type, cfg.method, source,
+                 n_params / 1e6, n_trainable / 1e6, len(train_rows), len(val_rows), len(labels), truncated,
+                 cfg.max_length)
+        best = BestWeights(work_dir, fresh=not (cfg.resume and list_checkpoints(work_dir)))
 
         def evaluate(m: torch.nn.Module) -> dict[str, float]:
-            pred = predict_proba(m, val_seqs, tokenizer.pad_token_id).argmax(-1)
-            return {"val_accuracy": float((pred == val_labels).mean())}
+            pred = predict_proba(m, val_seqs, pad_id, 2 * cfg.batch_size).argmax(-1)
+            metrics = classification_metrics(val_labels, pred, labels)
+            return {"val_accuracy": metrics["accuracy"], "val_macro_f1": metrics["macro_f1"]}
 
-        result = train(model, source, cfg, work_dir, loss_fn=classification_loss, evaluate=evaluate,
-                       tokens_in=lambda b: int(b["attention_mask"].sum()), on_progress=on_progress,
-                       name="finetune")
-        model.save_pretrained(str(out), safe_serialization=True)
+        def should_stop(evals: list[dict[str, float]]) -> bool:
+            # Called right after a validation pass, while the model still holds the weights it scored.
+            if cfg.restore_best:
+                best.offer(model, int(evals[-1]["step"]), evals[-1]["val_macro_f1"])
+            patience = cfg.early_stopping_patience
+            return patience is not None and patience_exhausted(evals, patience)
+
+        weight = torch.tensor(weights, dtype=torch.float32) if weights else None
+        result = train(model, batches, cfg, work_dir, loss_fn=functools.partial(classification_loss, weight=weight),
+                       evaluate=evaluate, should_stop=should_stop, tokens_in=lambda b: int(b["attention_mask"].sum()),
+                       on_progress=on_progress, name="finetune")
+        kept = _kept_eval(result.evals, best.restore(model) if cfg.restore_best else None)
+        if cfg.method == "lora":
+            model.save_pretrained(str(out / "adapter"))
+            model = model.merge_and_unload()
+        model.to("cpu").save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
         write_json(out / "training.json", {"history": result.history, "evals": result.evals})
-        final = result.evals[-1] if result.evals else {}
+        log.info("finetune: stopped at step %d (%s); kept the weights of step %s (validation macro-F1 %s)",
+                 result.steps, result.stop_reason, kept.get("step"), kept.get("val_macro_f1"))
         return {"task": "text-classification", "id2label": {str(k): v for k, v in id2label.items()},
-                "steps": result.steps, "tokens_seen": result.tokens_seen,
-                "train_seconds": round(result.train_seconds, 2), "resumed_from": result.resumed_from,
-                "final_train_loss": result.history[-1]["loss"],
-                **{k: v for k, v in final.items() if k != "step"}}
+                "base": str(cfg.init_from or f"checkpoints/{lm.fingerprint}"), "model_type": model.config.model_type,
+                "method": cfg.method, "parameters": n_params, "trainable_parameters": n_trainable,
+                "class_weights": weights, "steps": result.steps, "stop_reason": result.stop_reason,
+                "tokens_seen": result.tokens_seen, "train_seconds": round(result.train_seconds, 2),
+                "resumed_from": result.resumed_from,
+                "final_train_loss": result.history[-1]["loss"] if result.history else None,
+                "kept_step": kept.get("step"), **{k: v for k, v in kept.items() if k != "step"}}
 
+    inputs = {"labeled": labeled.fingerprint} if cfg.init_from else {"lm": lm.fingerprint, "labeled": labeled.fingerprint}
     ref = workspace.materialize(CheckpointRef, fp, build, stage="finetune",
-                                config={"finetune": cfg.model_dump(), "seed": seed},
-                                inputs={"lm": lm.fingerprint, "labeled": labeled.fingerprint})
+                                config={"finetune": cfg.model_dump(), "seed": seed}, inputs=inputs)
     shutil.rmtree(work_dir, ignore_errors=True)
     return ref
+
+
+def _kept_eval(evals: list[dict[str, float]], best: dict[str, float] | None) -> dict[str, float]:
+    """The validation pass whose weights were kept: the best one when restored, else the last."""
+    if best is not None:
+        return next((e for e in evals if e["step"] == best["step"]), best)
+    return evals[-1] if evals else {}
+
+
+def summary_markdown(meta: dict[str, Any]) -> str:
+    """What a fine-tuning run did, for people: the starting point, what was trained, and which weights were kept."""
+    rows = [("base", meta.get("base")), ("model type", meta.get("model_type")), ("method", meta.get("method")),
+            ("parameters trained", f"{meta.get('trainable_parameters', 0):,} of {meta.get('parameters', 0):,}"),
+            ("class weights", meta.get("class_weights") or "none"),
+            ("steps", f"{meta.get('steps')} ({meta.get('stop_reason')})"),
+            ("weights kept from step", meta.get("kept_step")),
+            ("validation accuracy", meta.get("val_accuracy")), ("validation macro-F1", meta.get("val_macro_f1"))]
+    lines = ["## Fine-tuning", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,393 @@
+"""Fine-tuning: LoRA, encoder checkpoints, class weights, length-grouped batches, truncation, early stopping
+with the best weights kept, exact resume, and the real-data presets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from tasks import evaluate, finetune, ingest, pretrain, tokenize
+from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
+from tasks.config import FinetuneConfig, LabeledConfig, PipelineConfig, load_config
+from tasks.errors import ConfigError, DataError
+from tasks.training import ShuffledIndices, list_checkpoints, set_threads, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    set_threads(1)
+
+
+@dataclass
+class Setup:
+    cfg: PipelineConfig
+    ws: Workspace
+    lm: CheckpointRef
+    labeled: LabeledRef
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    """The tiny chain up to a pretrained LM, and the built-in sentiment set (200 train, 40 validation, 40 test)."""
+    cfg = tiny_config(tmp_path_factory.mktemp("finetune") / "ws")
+    ws = Workspace(cfg.workspace)
+    corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
+    tok = tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
+    tokens = tokenize.tokenize_corpus(corpus, tok, ws)
+    lm = pretrain.pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    return Setup(cfg, ws, lm, ingest.ingest_labeled(cfg.labeled, ws, cfg.seed))
+
+
+def _ft(setup: Setup, **changes: Any) -> FinetuneConfig:
+    return FinetuneConfig.model_validate({**setup.cfg.finetune.model_dump(), **changes})
+
+
+def _texts(labeled: LabeledRef, split: str) -> list[str]:
+    return [r["text"] for r in ingest.load_split(labeled, split)]
+
+
+def build_tiny_bert(path: Path, texts: list[str], seed: int = 0) -> Path:
+    """A one-layer BERT built from config, with a WordPiece tokenizer trained on ``texts``, saved like a hub
+    checkpoint (config.json, model.safetensors, tokenizer files)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
+                                                             show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(path))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(str(path))
+    return path
+
+
+def write_labeled_csvs(root: Path, counts: dict[str, dict[str, int]]) -> LabeledConfig:
+    """Train/validation/test CSV files with ``counts[split][label]`` rows each; the word for the label is in
+    the text, so the task is learnable."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, per_label in counts.items():
+        paths[split] = root / f"{split}.csv"
+        with open(paths[split], "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for label, n in per_label.items():
+                for i in range(n):
+                    writer.writerow([f"{split} note {i} about the parcel: it was {label}, number {i * 13 % 97}", label])
+    return LabeledConfig(source="files", train_path=str(paths["train"]), validation_path=str(paths["validation"]),
+                         test_path=str(paths["test"]))
+
+
+# ================================================================ batching and truncation
+
+
+def test_length_grouped_batches_cover_each_epoch_pad_little_and_restore() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=203).tolist()
+    a = finetune.LengthGroupedIndices(lengths, batch_size=8, seed=3, group=5)
+    epoch = []
+    while a.epoch == 0:
+        epoch.append(a.next_indices())
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(203))  # every text once per epoch
+    assert all(len(b) <= 8 for b in epoch)
+
+    def padding(batches: list[np.ndarray]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    random_order = ShuffledIndices(203, 8, seed=3)
+    shuffled = [random_order.next_indices() for _ in range(len(epoch))]
+    assert padding(epoch) < padding(shuffled) / 4
+    # The batches come in random order, not shortest first.
+    means = [np.mean([lengths[i] for i in b]) for b in epoch]
+    assert means != sorted(means) and means != sorted(means, reverse=True)
+
+    for _ in range(7):
+        a.next_indices()
+    b = finetune.LengthGroupedIndices(lengths, batch_size=8, seed=3, group=5)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(40):  # across the next epoch boundary too
+        assert np.array_equal(a.next_indices(), b.next_indices())
+
+
+def test_batches_pad_to_their_longest_text() -> None:
+    seqs = [[5] * n for n in (3, 9, 4, 9, 2, 3)]
+    source = finetune.ClassificationBatches(seqs, [0, 1, 0, 1, 0, 1], batch_size=2, pad_id=0, seed=0, group=3)
+    for _ in range(3):
+        batch = source.next_batch()
+        real = batch["attention_mask"].sum(1)
+        assert batch["input_ids"].shape[1] == int(real.max())  # dynamic padding: no wider than the longest
+        assert torch.equal(batch["input_ids"] != 0, batch["attention_mask"].bool())
+    widths = []
+    for _ in range(3):
+        widths.append(source.next_batch()["input_ids"].shape[1])
+    assert sorted(widths) == [3, 4, 9]  # grouped by length: (2, 3), (3, 4), (9, 9)
+
+
+def test_truncation_keeps_the_configured_end(setup: Setup) -> None:
+    text = " ".join(f"word{i}" for i in range(60))
+    right = finetune.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="right"))
+    left = finetune.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="left"))
+    full = right(text)["input_ids"]
+    assert len(full) > 8
+    assert finetune.encode_texts(right, [text], 8) == [full[:8]]
+    assert finetune.encode_texts(left, [text], 8) == [full[-8:]]
+
+
+# ================================================================ class weights
+
+
+def test_balanced_class_weights_match_sklearn_and_weight_the_loss() -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    labels = [0] * 30 + [1] * 6 + [2] * 4
+    weights = finetune.class_weights(labels, 3)
+    assert weights == pytest.approx(compute_class_weight("balanced", classes=np.arange(3), y=labels).tolist())
+    with pytest.raises(DataError, match=r"class id\(s\) \[1\] have no training examples"):
+        finetune.class_weights([0, 0, 2], 3)
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                                     num_labels=3, pad_token_id=0)).eval()
+    batch = finetune.pad_batch([[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]], pad_id=0)
+    batch["labels"] = torch.tensor([0, 1, 2, 2])
+    w = torch.tensor(weights)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_row = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        expected = float((w[batch["labels"]] * per_row).sum() / w[batch["labels"]].sum())
+        assert float(finetune.classification_loss(model, batch, w)) == pytest.approx(expected, rel=1e-6)
+        assert float(finetune.classification_loss(model, batch)) == pytest.approx(float(per_row.mean()), rel=1e-6)
+
+
+def test_class_weights_reach_training_on_an_imbalanced_set(setup: Setup, tmp_path: Path) -> None:
+    labeled_cfg = write_labeled_csvs(tmp_path / "data", {"train": {"fine": 48, "broken": 8, "lost": 4},
+                                                         "validation": {"fine": 6, "broken": 2, "lost": 2},
+                                                         "test": {"fine": 6, "broken": 2, "lost": 2}})
+    labeled = ingest.ingest_labeled(labeled_cfg, setup.ws, 0)
+    id2label = ingest.load_id2label(labeled)
+    clf = finetune.finetune(setup.lm, labeled, _ft(setup, class_weights="balanced", max_steps=6), setup.ws, 0)
+    counts = {name: {"fine": 48, "broken": 8, "lost": 4}[name] for name in id2label.values()}
+    expected = [60 / (3 * counts[id2label[i]]) for i in range(3)]
+    assert clf.meta["class_weights"] == pytest.approx(expected)
+    plain = finetune.finetune(setup.lm, labeled, _ft(setup, max_steps=6), setup.ws, 0)
+    assert plain.meta["class_weights"] is None and plain.fingerprint != clf.fingerprint
+
+
+# ================================================================ LoRA and encoders
+
+
+def test_lora_trains_adapters_and_the_head_and_saves_a_merged_classifier(setup: Setup) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = _ft(setup, method="lora", lora_r=4, max_steps=30, lr=1e-2)
+    clf = finetune.finetune(setup.lm, setup.labeled, cfg, setup.ws, 0)
+    assert clf.meta["method"] == "lora"
+    assert 0 < clf.meta["trainable_parameters"] < clf.meta["parameters"] / 4
+
+    adapter = load_file(str(clf.dir / "adapter" / "adapter_model.safetensors"))
+    assert any("c_attn.lora_A" in k for k in adapter) and any("c_attn.lora_B" in k for k in adapter)
+    assert "base_model.model.score.weight" in adapter  # the head is trained and saved with the adapter
+
+    merged, base = load_file(str(clf.dir / "model.safetensors")), load_file(str(setup.lm.dir / "model.safetensors"))
+    for name in base:
+        if name in merged and "c_attn.weight" not in name:
+            assert torch.equal(merged[name], base[name]), f"{name} is frozen under LoRA"
+    assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"])
+
+    # The saved model is the LM + adapter + head, exactly as peft assembles them.
+    tok = AutoTokenizer.from_pretrained(clf.path)
+    id2label = ingest.load_id2label(setup.labeled)
+    assembled = PeftModel.from_pretrained(finetune.load_classifier(setup.lm.dir, id2label, tok.pad_token_id, 32),
+                                          str(clf.dir / "adapter"))
+    saved = AutoModelForSequenceClassification.from_pretrained(clf.path)
+    seqs = finetune.encode_texts(tok, _texts(setup.labeled, "test"), 32)
+    np.testing.assert_allclose(finetune.predict_proba(assembled, seqs, tok.pad_token_id),
+                               finetune.predict_proba(saved, seqs, tok.pad_token_id), atol=1e-5)
+
+
+def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    bert = build_tiny_bert(tmp_path / "bert", _texts(setup.labeled, "train"))
+    cfg = _ft(setup, init_from=str(bert), max_steps=200, lr=3e-3, warmup_steps=10, eval_every=50)
+    clf = finetune.finetune(None, setup.labeled, cfg, setup.ws, 0)
+    assert clf.meta["model_type"] == "bert" and clf.meta["base"] == str(bert)
+    loaded = AutoModelForSequenceClassification.from_pretrained(clf.path)
+    assert loaded.config.id2label == {0: "negative", 1: "positive"}
+    assert loaded.config.label2id == {"negative": 0, "positive": 1}
+
+    tok = AutoTokenizer.from_pretrained(clf.path)
+    ids = finetune.encode_texts(tok, ["a fine film"], 32)[0]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id  # BERT's own special tokens
+
+    report = evaluate.evaluate_classifier(clf, setup.labeled, setup.cfg.evaluate, setup.ws, 32, 0).load()
+    assert report["model"]["accuracy"] > report["baselines"]["majority"]["accuracy"] + 0.1
+    # A transformers pipeline over the artifact (what MLflow serves) predicts what the evaluation scored.
+    texts = _texts(setup.labeled, "test")
+    served = pipeline("text-classification", model=clf.path, tokenizer=clf.path)(texts, truncation=True, max_length=32)
+    assert [p["label"] for p in served] == [report["labels"][i] for i in report["predictions"]]
+
+
+def test_unusable_sources_fail_before_training(setup: Setup, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"finetune\.init_from=.*missing: no such directory"):
+        finetune.finetune(None, setup.labeled, _ft(setup, init_from=str(tmp_path / "missing")), setup.ws, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
+        finetune.finetune(None, setup.labeled, _ft(setup, init_from=str(tmp_path / "empty")), setup.ws, 0)
+    with pytest.raises(ConfigError, match="no pretrained LM given and finetune.init_from is not set"):
+        finetune.finetune(None, setup.labeled, _ft(setup), setup.ws, 0)
+    with pytest.raises(ConfigError, match=r"finetune\.lora_target_modules=\['q_proj'\]"):
+        finetune.finetune(setup.lm, setup.labeled, _ft(setup, method="lora", lora_target_modules=["q_proj"]),
+                          setup.ws, 0)
+    with pytest.raises(ConfigError, match=r"finetune\.max_length \(100\) exceeds the context"):
+        finetune.finetune(setup.lm, setup.labeled, _ft(setup, max_length=100), setup.ws, 0)
+
+
+# ================================================================ early stopping, best weights, resume
+
+
+def test_early_stopping_keeps_the_best_validation_weights(setup: Setup) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = _ft(setup, max_steps=400, eval_every=4, early_stopping_patience=2, lr=3e-3)
+    clf = finetune.finetune(setup.lm, setup.labeled, cfg, setup.ws, 0)
+    evals = json.loads((clf.dir / "training.json").read_text())["evals"]
+    scores = [e["val_macro_f1"] for e in evals]
+    best = int(np.argmax(scores))
+    assert clf.meta["stop_reason"] == "early_stop" and clf.meta["steps"] == evals[-1]["step"] < 400
+    assert len(scores) - 1 - best == 2  # two passes without a better macro-F1, then stop
+    assert max(scores[:-2]) >= max(scores[-2:])
+    assert clf.meta["kept_step"] == evals[best]["step"] and clf.meta["val_macro_f1"] == scores[best]
+
+    # The saved classifier is the best pass's: it scores that pass's validation macro-F1 again.
+    tok = AutoTokenizer.from_pretrained(clf.path)
+    model = AutoModelForSequenceClassification.from_pretrained(clf.path)
+    val = ingest.load_split(setup.labeled, "validation")
+    pred = finetune.predict_proba(model, finetune.encode_texts(tok, [r["text"] for r in val], cfg.max_length),
+                                  tok.pad_token_id).argmax(-1)
+    labels = list(ingest.load_id2label(setup.labeled).values())
+    assert evaluate.classification_metrics(np.array([r["label"] for r in val]), pred, labels)["macro_f1"] == scores[best]
+
+
+def test_an_early_stop_is_kept_by_a_restarted_run(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return GPT2ForSequenceClassification(GPT2Config(vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                                        num_labels=2, pad_token_id=0))
+
+    def source() -> finetune.ClassificationBatches:
+        seqs = [[1 + i % 7] * (1 + i % 5) for i in range(40)]
+        return finetune.ClassificationBatches(seqs, [i % 2 for i in range(40)], 4, 0, seed=0, group=2)
+
+    cfg = FinetuneConfig(max_steps=50, eval_every=3, checkpoint_every=100, warmup_steps=0)
+    kw = {"loss_fn": finetune.classification_loss, "evaluate": lambda m: {"val_macro_f1": 0.5},
+          "should_stop": lambda evals: len(evals) >= 2, "tokens_in": lambda b: int(b["attention_mask"].sum())}
+    first = train(model(), source(), cfg, tmp_path / "work", **kw)
+    assert (first.steps, first.stop_reason) == (6, "early_stop")
+    assert [p.name for p in list_checkpoints(tmp_path / "work")] == ["step-00000006"]
+    again = train(model(), source(), cfg, tmp_path / "work", **kw)
+    assert (again.steps, again.resumed_from, again.stop_reason) == (6, 6, "early_stop")
+
+
+def test_finetune_resumes_exactly_after_a_crash(setup: Setup, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = _ft(setup, max_steps=16, eval_every=4, checkpoint_every=5, log_every=1)
+    full = finetune.finetune(setup.lm, setup.labeled, cfg, setup.ws, 0)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_12(step: int, total: int, row: dict) -> None:
+        if step == 12:
+            raise Crash
+
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(Crash):
+        finetune.finetune(setup.lm, setup.labeled, cfg, ws, 0, on_progress=crash_at_12)
+    resumed = finetune.finetune(setup.lm, setup.labeled, cfg, ws, 0)
+    assert resumed.fingerprint == full.fingerprint and resumed.meta["resumed_from"] == 10
+    assert resumed.meta["kept_step"] == full.meta["kept_step"]
+    expected, got = load_file(str(full.dir / "model.safetensors")), load_file(str(resumed.dir / "model.safetensors"))
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+# ================================================================ the real-data presets
+
+
+def _run_chain(cfg: PipelineConfig) -> dict[str, Any]:
+    ws = Workspace(cfg.workspace)
+    corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
+    tok = tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
+    tokens = tokenize.tokenize_corpus(corpus, tok, ws)
+    lm = pretrain.pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    labeled = ingest.ingest_labeled(cfg.labeled, ws, cfg.seed)
+    clf = finetune.finetune(lm, labeled, cfg.finetune, ws, cfg.seed)
+    report = evaluate.evaluate_classifier(clf, labeled, cfg.evaluate, ws, cfg.finetune.max_length, cfg.seed).load()
+    return {"corpus": corpus, "labeled": labeled, "report": report}
+
+
+SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "tokenizer.vocab_size=400", "pretrain.max_steps=3",
+         "pretrain.warmup_steps=1", "finetune.max_steps=3", "finetune.warmup_steps=1", "finetune.eval_every=3",
+         "evaluate.samples=0", "runtime.threads=1"]
+
+
+def test_presets_read_hub_datasets_by_default() -> None:
+    sst2, sms = load_config("sst2"), load_config("sms-spam")
+    assert sst2.labeled.source == "hub" and sst2.labeled.hub_name == "stanfordnlp/sst2"
+    assert sst2.labeled.hub_test_split == "validation"  # GLUE dev: the usual SST-2 evaluation split
+    assert [s.kind for s in sst2.corpus.sources] == ["hub"] and sst2.corpus.sources[0].split == "train"
+    assert sms.labeled.source == "hub" and sms.labeled.test_fraction == 0.2
+    assert sms.corpus.sources[0].kind == "hub"
+
+
+@pytest.mark.slow
+def test_sst2_preset_on_local_glue_files(shared_data: Path, tmp_path: Path) -> None:
+    d = shared_data / "sst2"
+    cfg = load_config("sst2", [f"workspace={tmp_path / 'ws'}", *SMALL,
+                               f"corpus.sources=[{{kind: files, paths: [{d / 'train.tsv'}], text_columns: [sentence]}}]",
+                               "labeled.source=files", f"labeled.train_path={d / 'train.tsv'}",
+                               f"labeled.test_path={d / 'dev.tsv'}"])
+    out = _run_chain(cfg)
+    assert out["report"]["test_rows"] == 872 and out["report"]["labels"] == ["negative", "positive"]
+    assert out["labeled"].meta["rows"]["train"] + out["labeled"].meta["rows"]["validation"] > 60_000
+    assert out["report"]["baselines"]["tfidf_logreg"]["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Path) -> None:
+    f = shared_data / "sms_spam" / "SMSSpamCollection"
+    cfg = load_config("sms-spam", [f"workspace={tmp_path / 'ws'}", *SMALL,
+                                   f"corpus.sources=[{{kind: files, paths: [{f}], format: tsv, has_header: false, "
+                                   "text_columns: ['1']}]",
+                                   "labeled.source=files", f"labeled.train_path={f}", "labeled.has_header=false",
+                                   "labeled.text_column='1'", "labeled.label_column=0"])
+    out = _run_chain(cfg)
+    rows = out["labeled"].meta["rows"]
+    assert out["report"]["labels"] == ["ham", "spam"]
+    assert rows["test"] == pytest.approx(0.2 * sum(rows.values()), abs=2)  # the stratified 20% held out
+    assert out["report"]["model"]["per_class"]["spam"]["support"] == pytest.approx(0.2 * 747, abs=2)
+    assert out["report"]["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9
