@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
@@ -87,6 +89,11 @@ TRACKED: dict[str, tuple[tuple[str, ...], dict[str, list[str]]]] = {
 }
 
 
+# The MLflow child run of the stage running in this context: training logs live metrics into it.
+_STAGE_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmpipe_stage_run", default=None)
+TRAINING_STAGES = {"pretrain", "finetune"}
+
+
 def _tracked(name: str, fn: Callable) -> Callable:
     """Run the stage inside its MLflow child run and log what it produced there."""
     sections, splits = TRACKED[name]
@@ -97,8 +104,12 @@ def _tracked(name: str, fn: Callable) -> Callable:
         cfg = next((v for v in values if isinstance(v, PipelineConfig)), None)
         if cfg is None or not flow_run.id:  # called outside a flow: no parent run to attach to
             return fn(*args, **kwargs)
-        with stage_run(cfg, name) as (_, run_id):
-            ref = fn(*args, **kwargs)
+        with stage_run(cfg, name) as (_, run_id), register.system_metrics(run_id, enabled=name in TRAINING_STAGES):
+            token = _STAGE_RUN.set(run_id)
+            try:
+                ref = fn(*args, **kwargs)
+            finally:
+                _STAGE_RUN.reset(token)
             params = {f"{section}.{key}": value for section in sections if getattr(cfg, section, None) is not None
                       for key, value in flatten(getattr(cfg, section)).items()}
             register.log_stage(run_id, ref, params, [v for v in values if isinstance(v, ArtifactRef)], splits)
@@ -128,11 +139,17 @@ def _workspace(cfg: PipelineConfig) -> Workspace:
 
 
 def _progress(title: str) -> Callable[[int, int, dict[str, float]], None]:
-    """A Prefect progress artifact updated as training advances."""
+    """A Prefect progress artifact updated as training advances, and live metrics in the stage's MLflow run."""
     artifact_id = create_progress_artifact(progress=0.0, description=title)
     logger = get_run_logger()
+    run_id = _STAGE_RUN.get()
 
     def update(step: int, total: int, row: dict[str, float]) -> None:
+        try:
+            if run_id:
+                register.log_live_metrics(run_id, step, row)
+        except Exception as exc:  # metrics are for people; never fail training over them
+            logger.warning("live MLflow metrics failed at step %d: %s", step, exc)
         try:
             update_progress_artifact(artifact_id, progress=100.0 * step / total,
                                      description=f"{title}: step {step}/{total}, loss {row['loss']:.4f}")
@@ -197,8 +214,19 @@ def tokenize_corpus(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: Tokenizer
 @_task("pretrain", tags=["training"])
 def pretrain_lm(cfg: PipelineConfig, tokens: TokensRef, tokenizer: TokenizerRef) -> CheckpointRef:
     set_threads(cfg.runtime.threads)
-    return pretrain.pretrain(tokens, tokenizer, cfg.model, cfg.pretrain, _workspace(cfg), cfg.seed,
-                             on_progress=_progress("pretraining"))
+    ref = pretrain.pretrain(tokens, tokenizer, cfg.model, cfg.pretrain, _workspace(cfg), cfg.seed,
+                            on_progress=_progress("pretraining"))
+    curve = ref.dir / "loss_curve.png"
+    if curve.is_file():
+        m = ref.meta
+        create_markdown_artifact(
+            key="pretrain-loss-curve",
+            markdown=(f"## Pretraining\n\n{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, "
+                      f"{m['tokens_seen']:,} tokens, stopped by {m.get('stop_reason', 'max_steps')}\n\n"
+                      f"![loss curve](data:image/png;base64,{base64.b64encode(curve.read_bytes()).decode()})"),
+            description="Pretraining loss curve",
+        )
+    return ref
 
 
 @_task("evaluate-lm")

@@ -307,6 +307,31 @@ def dataset_inputs(refs: list[ArtifactRef], splits: dict[str, list[str]] | None 
     return out
 
 
+def log_live_metrics(run_id: str, step: int, row: dict[str, float]) -> None:
+    """One training log row (loss, lr, grad norm, tokens/s, MFU) as ``train/*`` metrics at ``step``."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client().log_batch(run_id, metrics=[Metric(_metric_key(f"train/{k}"), float(v), now, step)
+                                         for k, v in row.items() if k != "step" and isinstance(v, int | float)])
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, enabled: bool = True) -> Iterator[None]:
+    """MLflow system metrics (CPU, memory, GPU) sampled into ``run_id`` while the block runs."""
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def log_stage(run_id: str, ref: Any, params: dict[str, Any], inputs: list[ArtifactRef],
               splits: dict[str, list[str]] | None = None) -> None:
     """What a stage's child run records: its config section, numbers, small files, fingerprints and datasets."""
@@ -323,7 +348,9 @@ def log_stage(run_id: str, ref: Any, params: dict[str, Any], inputs: list[Artifa
         training = ref.dir / "training.json"
         if training.is_file():
             history = json.loads(training.read_text())
-            for prefix, rows in (("train", history.get("history", [])), ("eval", history.get("evals", []))):
+            logged_live = "train/loss" in client.get_run(run_id).data.metrics
+            for prefix, rows in (("train", [] if logged_live else history.get("history", [])),
+                                 ("eval", history.get("evals", []))):
                 for row in rows:
                     step = int(row.get("step", 0))
                     metrics += [Metric(_metric_key(f"{prefix}/{k}"), float(v), now, step) for k, v in row.items()

@@ -41,6 +41,14 @@ def test_llm_pipeline_registers_a_loadable_champion(harness, tmp_path: Path, mon
     assert champion.tags["llmpipe.fingerprint"] == first.finetune.classifier.fingerprint
     assert (tmp_path / "mlartifacts").is_dir()
 
+    # Training logged its curve live into the pretrain stage's child run, one point per log interval.
+    pretrain_runs = client.search_runs([client.get_experiment_by_name("llmpipe").experiment_id],
+                                       "tags.`llmpipe.stage` = 'pretrain'")
+    assert len(pretrain_runs) == 1
+    curve = client.get_metric_history(pretrain_runs[0].info.run_id, "train/loss")
+    every = cfg.pretrain.log_every
+    assert sorted(m.step for m in curve) == list(range(every, cfg.pretrain.max_steps + 1, every))
+
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = model.predict(["a wonderful, moving film", "a dull and tedious mess"])
     assert set(out["label"]) <= {"negative", "positive"}
