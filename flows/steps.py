@@ -36,6 +36,7 @@ from tasks.artifacts import (
 )
 from tasks.config import PipelineConfig, flatten
 from tasks.errors import LlmpipeError
+from tasks.redact import redact
 from tasks.training import set_threads
 
 
@@ -54,7 +55,7 @@ class _ToRunLogger(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread:
-            self.run_logger.log(record.levelno, record.getMessage())
+            self.run_logger.log(record.levelno, redact(record.getMessage()))
 
 
 def _with_run_logs(fn: Callable) -> Callable:

@@ -45,6 +45,7 @@ from tasks.artifacts import (
 )
 from tasks.config import PipelineConfig, RegistryConfig, flatten, to_yaml
 from tasks.errors import DataError, LlmpipeError
+from tasks.redact import redact
 
 log = logging.getLogger("llmpipe")
 
@@ -89,9 +90,10 @@ def _client():
 
 
 def tracking_uri() -> str:
+    """The tracking URI as it may be shown to people (a password in it is masked)."""
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    return redact(mlflow.get_tracking_uri())
 
 
 def ui_base(reg: RegistryConfig) -> str:
@@ -231,8 +233,8 @@ def parent_run(cfg: PipelineConfig, lineage: dict[str, str], name: str = "llmpip
     if created:
         from mlflow.entities import Param
 
-        client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in flatten(cfg).items()])
-        client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        client.log_batch(run_id, params=[Param(k, redact(str(v))[:500]) for k, v in flatten(cfg).items()])
+        client.log_text(run_id, redact(to_yaml(cfg)), "config.yaml")
     return experiment_id, run_id, created
 
 
@@ -263,7 +265,7 @@ def stage_run(cfg: PipelineConfig, lineage: dict[str, str], stage: str) -> Itera
 
 
 def _clean(tags: dict[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in tags.items() if v not in (None, "")}
+    return {k: redact(str(v)) for k, v in tags.items() if v not in (None, "")}
 
 
 def _numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -358,7 +360,7 @@ def log_stage(run_id: str, ref: Any, params: dict[str, Any], inputs: list[Artifa
         for path in [ref.dir / name for name in SMALL_FILES] + sorted(ref.dir.glob("*.png")):
             if path.is_file():
                 client.log_artifact(run_id, str(path), "artifact")
-    client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)[:500]) for k, v in params.items()],
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, redact(str(v))[:500]) for k, v in params.items()],
                      tags=[RunTag(k, v) for k, v in _clean(tags).items()])
     data = [r for r in [*inputs, ref] if isinstance(r, ArtifactRef)]
     if datasets := dataset_inputs(data, splits):
