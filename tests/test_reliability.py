@@ -78,7 +78,7 @@ def test_kill_9_of_the_whole_run_then_rerun_resumes_and_matches(tmp_path: Path) 
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_two_runs_at_once_on_one_workspace_and_one_registry(tmp_path: Path) -> None:
+def test_two_runs_at_once_on_one_workspace_and_one_registry(tmp_path: Path, monkeypatch) -> None:
     from mlflow import MlflowClient
 
     first = _llmpipe(tmp_path, "run", "--config", "tiny", "--set", "finetune.max_steps=20")
@@ -93,7 +93,7 @@ def test_two_runs_at_once_on_one_workspace_and_one_registry(tmp_path: Path) -> N
     # Each version's files are whole: the registered classifier loads and predicts.
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # not set_tracking_uri: global
     for v in versions:
         pred = mlflow.pyfunc.load_model(f"models:/llmpipe-sentiment/{v.version}").predict(["a wonderful film"])
         assert pred["label"][0] in {"negative", "positive"}
