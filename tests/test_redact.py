@@ -29,7 +29,9 @@ def test_secrets_are_masked(text: str, secret: str) -> None:
 
 def test_ordinary_text_is_left_alone() -> None:
     for text in ("models:/llmpipe-sentiment@champion", "sqlite:///mlflow.db", "http://127.0.0.1:5000",
-                 "pretrain step 100/600  loss 1.23", "/data/tokenizer/special_tokens_map.json"):
+                 "pretrain step 100/600  loss 1.23", "/data/tokenizer/special_tokens_map.json",
+                 "train_tokenizer: reusing artifact 0123 (/ws/tokenizers/0123)", "tokenize: built artifact 0123",
+                 "eos_token: <|endoftext|>", "pad_token=<|pad|>", "llmpipe.tokens_fingerprint: abc"):
         assert redact(text) == text
     assert redact_value({"a": ["http://u:pw@h"], "b": 3}) == {"a": ["http://u:***@h"], "b": 3}
 
