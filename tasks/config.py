@@ -270,7 +270,12 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on most CPUs)."
     )
-    compile: bool = Field(False, description="Compile the model with torch.compile before training.")
+    compile: bool = Field(
+        False, description="Compile the model and its loss with torch.compile (worth it for runs longer than a few "
+        "minutes; needs a C++ compiler on CPU).")
+    fast_kernels: bool = Field(
+        True, description="While training, swap tanh-GELU activations for an equivalent, faster form (see "
+        "tasks/kernels.py); the saved model is unchanged.")
     log_every: int = Field(50, ge=1, description="Steps between progress log lines and metric points.")
     eval_every: int = Field(200, ge=1, description="Steps between validation passes.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")

@@ -34,7 +34,7 @@ log = logging.getLogger("llmpipe")
 
 STAGE_VERSION = "finetune-2"
 # Settings that change how training is observed or resumed, not the weights it produces.
-OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops"}
+OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels"}
 BEST_FILE = "best.safetensors"
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
 from tasks.config import ModelConfig, PretrainConfig
 from tasks.errors import ConfigError, DataError
+from tasks.kernels import next_token_loss
 from tasks.tokenize import open_tokens
 from tasks.training import ShuffledIndices, dist_info, seed_everything, train
 
@@ -28,7 +29,7 @@ STAGE_VERSION = "pretrain-3"
 # halves its micro-batch after running out of memory resumes its own checkpoints.
 EXECUTION_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "resume",
                   "peak_flops", "rdzv_endpoint", "node_rank", "distributed_timeout_s", "batch_size",
-                  "grad_accum_steps", "global_batch_tokens", "device", "compile"}
+                  "grad_accum_steps", "global_batch_tokens", "device", "compile", "fast_kernels"}
 
 
 def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int):
@@ -103,7 +104,7 @@ class BlockBatches:
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch["targets"].reshape(-1))
+    return next_token_loss(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1))
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The training engine shared by pretraining and fine-tuning.
 
-One readable loop: AdamW (decay on matrices only, fused on CUDA), linear warmup then cosine or
+One readable loop: AdamW (decay on matrices only, fused), linear warmup then cosine or
 warmup-stable-decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA and fp32 on
 CPU, optional ``torch.compile``, periodic validation, and resumable checkpoints. A checkpoint holds
 everything needed to continue bit-for-bit: weights (safetensors), optimizer and scheduler state,
@@ -31,6 +31,7 @@ import torch
 
 from tasks import faults
 from tasks.config import TrainConfig
+from tasks.kernels import fast_modules
 
 log = logging.getLogger("llmpipe")
 
@@ -143,7 +144,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    # The fused kernel exists for CUDA and CPU; one pass over each tensor instead of several foreach ops.
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 def measure_peak_flops(device: torch.device, n: int = 1024, repeats: int = 8) -> float:
@@ -239,6 +242,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, so
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+class _LossModule(torch.nn.Module):
+    """The model and its loss as one module: DDP/FSDP wrap it and ``torch.compile`` traces the loss too,
+    so the loss fuses with the model's last layers. Checkpoints still hold the bare model's state."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 def _wrap_distributed(model: torch.nn.Module, device: torch.device, strategy: str) -> torch.nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -252,9 +268,9 @@ def _wrap_distributed(model: torch.nn.Module, device: torch.device, strategy: st
 
 def _full_state_model(model: torch.nn.Module, wrapped: torch.nn.Module, strategy: str):
     """A context in which ``model``'s parameters hold the full weights (FSDP gathers them)."""
-    if strategy == "fsdp" and wrapped is not model:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
+    if strategy == "fsdp" and isinstance(wrapped, FullyShardedDataParallel):
         return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=False)
     return contextlib.nullcontext()
 
@@ -278,7 +294,18 @@ def train(
 
     ``should_stop`` sees every evaluation so far after each validation pass; when it returns True training
     ends there (``stop_reason`` 'early_stop'), with a checkpoint that a resumed run also stops at.
+    With ``cfg.fast_kernels`` some modules run in a faster equivalent form while training (tasks/kernels.py).
     """
+    with fast_modules(model, cfg.fast_kernels) as swapped:
+        if swapped:
+            log.debug("%s: %d activation module(s) in their fast form while training", name, swapped)
+        return _train(model, source, cfg, work_dir, loss_fn=loss_fn, evaluate=evaluate, should_stop=should_stop,
+                      tokens_in=tokens_in, flops_per_token=flops_per_token, on_progress=on_progress,
+                      strategy=strategy, name=name)
+
+
+def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, tokens_in, flops_per_token,
+           on_progress, strategy, name) -> TrainResult:
     rank, world = dist_info()
     device = resolve_device(cfg)
     model.to(device)
@@ -299,8 +326,9 @@ def train(
         if rank == 0:
             log.info("%s: resuming from checkpoint at step %d (%s)", name, result.steps, checkpoints[-1])
 
-    wrapped = _wrap_distributed(model, device, strategy) if world > 1 else model
-    step_model = torch.compile(wrapped) if cfg.compile else wrapped
+    stepper = _LossModule(model, loss_fn)
+    wrapped = _wrap_distributed(stepper, device, strategy) if world > 1 else stepper
+    step_loss_fn = torch.compile(wrapped) if cfg.compile else wrapped
     if flops_per_token and rank == 0:
         result.peak_flops = cfg.peak_flops or measure_peak_flops(device)
 
@@ -325,7 +353,7 @@ def train(
             batch = {k: v.to(device, non_blocking=True) for k, v in source.next_batch().items()}
             autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
             with sync_ctx(micro), autocast:
-                loss = loss_fn(step_model, batch) / accum
+                loss = step_loss_fn(batch) / accum
             loss.backward()
             step_loss += loss.detach()
             n_tok += tokens_in(batch)
