@@ -31,6 +31,7 @@ import torch
 
 from tasks import faults
 from tasks.config import TrainConfig
+from tasks.errors import ConfigError
 from tasks.kernels import fast_modules
 
 log = logging.getLogger("llmpipe")
@@ -308,6 +309,8 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
            on_progress, strategy, name) -> TrainResult:
     rank, world = dist_info()
     device = resolve_device(cfg)
+    if cfg.compile and device.type == "cpu":
+        _check_cpu_compiler(name)
     model.to(device)
     amp = autocast_dtype(cfg, device)
     accum = cfg.accum_steps
@@ -414,6 +417,17 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
     result.train_seconds = time.perf_counter() - t0
     model.eval()
     return result
+
+
+def _check_cpu_compiler(name: str) -> None:
+    """torch.compile on CPU builds C++ kernels: fail before training, not at its first step."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error types for a missing or unusable compiler
+        raise ConfigError(f"{name}.compile=true on CPU needs a C++ compiler for torch.compile ({exc}); "
+                          f"install one (g++ or clang++, or point CXX at it) or set {name}.compile=false") from None
 
 
 def _stop_reason(cfg: TrainConfig, result: TrainResult, elapsed: float) -> str | None:
