@@ -79,7 +79,7 @@ def run_torchrun(spec: dict[str, Any], cfg: PretrainConfig, work_dir: Path) -> N
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    tail: deque[str] = deque(maxlen=40)
+    tail: deque[str] = deque(maxlen=60)
 
     def pump() -> None:
         assert proc.stdout is not None

@@ -217,6 +217,9 @@ def pretrain(
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> CheckpointRef:
     """Train a causal LM; the artifact is a ``save_pretrained`` directory plus tokenizer and loss curve."""
+    if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("pretrain.strategy=fsdp shards the model over CUDA devices (PyTorch's FSDP needs an "
+                          "accelerator); on CPU use pretrain.strategy=ddp")
     fp = pretrain_fingerprint(tokens, tokenizer, model_cfg, cfg, seed)
     work_dir = workspace.work_dir("checkpoints", fp)
 

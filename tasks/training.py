@@ -139,11 +139,14 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   dims: dict[str, int] | None = None) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only. ``dims`` gives each parameter's original number of
+    dimensions by name, for a model whose parameters FSDP has flattened into shards."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for n, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if (dims[n] if dims is not None else p.dim()) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel exists for CUDA and CPU; one pass over each tensor instead of several foreach ops.
     fused = device.type in ("cuda", "cpu")
@@ -203,14 +206,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
-                    state: dict[str, Any], keep: int) -> Path:
+                    state: dict[str, Any], keep: int, optimizer_state: dict[str, Any] | None = None) -> Path:
     from safetensors.torch import save_model
 
     final = work_dir / f"step-{state['step']:08d}"
     tmp = work_dir / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    trainer = {"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(),
                "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         trainer["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -224,12 +228,19 @@ def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
+                    wrapped: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore a checkpoint; ``wrapped`` is the FSDP module around ``model``, if any."""
     from safetensors.torch import load_model
 
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    fsdp = _fsdp_class(wrapped)
+    with fsdp.summon_full_params(wrapped, writeback=True) if fsdp else contextlib.nullcontext():
+        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(trainer["optimizer"])
+    if fsdp:
+        optimizer.load_state_dict(fsdp.optim_state_dict_to_load(wrapped, optimizer, trainer["optimizer"]))
+    else:
+        optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["torch_rng"])
     if "cuda_rng" in trainer and torch.cuda.is_available():
@@ -267,12 +278,21 @@ def _wrap_distributed(model: torch.nn.Module, device: torch.device, strategy: st
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _full_state_model(model: torch.nn.Module, wrapped: torch.nn.Module, strategy: str):
-    """A context in which ``model``'s parameters hold the full weights (FSDP gathers them)."""
+def _fsdp_class(wrapped: torch.nn.Module | None):
+    """FullyShardedDataParallel if ``wrapped`` is one, else None."""
+    if wrapped is None or not torch.distributed.is_available():
+        return None
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if strategy == "fsdp" and isinstance(wrapped, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=False)
+    return FullyShardedDataParallel if isinstance(wrapped, FullyShardedDataParallel) else None
+
+
+def _full_state_model(wrapped: torch.nn.Module):
+    """A context in which the model's parameters hold the full weights (FSDP gathers them; every rank
+    must enter it)."""
+    fsdp = _fsdp_class(wrapped)
+    if fsdp:
+        return fsdp.summon_full_params(wrapped, writeback=False, rank0_only=False)
     return contextlib.nullcontext()
 
 
@@ -315,13 +335,19 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
     amp = autocast_dtype(cfg, device)
     accum = cfg.accum_steps
     work_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(model, cfg, device)
+    # Wrap first, then build the optimizer on the wrapped parameters (FSDP replaces them with shards),
+    # then restore a checkpoint into both.
+    stepper = _LossModule(model, loss_fn)
+    dims = {n: p.dim() for n, p in stepper.named_parameters()}
+    wrapped = _wrap_distributed(stepper, device, strategy) if world > 1 else stepper
+    fsdp = _fsdp_class(wrapped)
+    optimizer = make_optimizer(wrapped, cfg, device, dims)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     result = TrainResult(steps=0, tokens_seen=0, resumed_from=None)
     checkpoints = list_checkpoints(work_dir) if cfg.resume else []
     early_stop = False
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source)
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source, wrapped)
         result.steps, result.tokens_seen = state["step"], state["tokens_seen"]
         result.history, result.evals = state["history"], state["evals"]
         result.resumed_from = result.steps
@@ -329,11 +355,13 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
         if rank == 0:
             log.info("%s: resuming from checkpoint at step %d (%s)", name, result.steps, checkpoints[-1])
 
-    stepper = _LossModule(model, loss_fn)
-    wrapped = _wrap_distributed(stepper, device, strategy) if world > 1 else stepper
     step_loss_fn = torch.compile(wrapped) if cfg.compile else wrapped
     if flops_per_token and rank == 0:
-        result.peak_flops = cfg.peak_flops or measure_peak_flops(device)
+        # Best of two sizes and two trials: a peak measured while something else holds the cores would
+        # inflate every MFU figure of the run.
+        sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)
+        result.peak_flops = cfg.peak_flops or max(measure_peak_flops(device, n, repeats=4)
+                                                  for n in sizes for _ in range(2))
 
     def sync_ctx(micro: int):
         last_micro = micro == accum - 1
@@ -360,8 +388,12 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
             loss.backward()
             step_loss += loss.detach()
             n_tok += tokens_in(batch)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip) if cfg.grad_clip
-                     else torch.zeros(()))
+        if not cfg.grad_clip:
+            grad_norm = torch.zeros(())
+        elif fsdp:  # the norm over every rank's shard
+            grad_norm = wrapped.clip_grad_norm_(cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -392,9 +424,9 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
                     on_progress(step, cfg.max_steps, row)
             window_start, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
         if evaluate and (step % cfg.eval_every == 0 or last):
+            with _full_state_model(wrapped):
+                metrics = {"step": step, **evaluate(model)} if rank == 0 else None
             if rank == 0:
-                with _full_state_model(model, wrapped, strategy):
-                    metrics = {"step": step, **evaluate(model)}
                 result.evals.append(metrics)
                 log.info("%s eval at step %d: %s", name, step,
                          "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
@@ -407,11 +439,14 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
                 early_stop = bool(flag.item())
             model.train()
         if step % cfg.checkpoint_every == 0 or last or early_stop:
-            with _full_state_model(model, wrapped, strategy):
+            # FSDP: every rank takes part in gathering the full optimizer state, keyed by parameter name.
+            optimizer_state = fsdp.optim_state_dict(wrapped, optimizer) if fsdp else None
+            with _full_state_model(wrapped):
                 if rank == 0:
                     save_checkpoint(work_dir, model, optimizer, scheduler, source,
                                     {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
-                                     "evals": result.evals, "early_stop": early_stop}, cfg.keep_checkpoints)
+                                     "evals": result.evals, "early_stop": early_stop}, cfg.keep_checkpoints,
+                                    optimizer_state)
             if world > 1:
                 torch.distributed.barrier()
     result.train_seconds = time.perf_counter() - t0

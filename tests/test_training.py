@@ -288,3 +288,14 @@ def test_compile_without_a_cpu_compiler_fails_before_training(tmp_path: Path, mo
     with pytest.raises(ConfigError, match=r"pretrain\.compile=true on CPU needs a C\+\+ compiler"):
         train(model, source, cfg.pretrain, tmp_path / "work", loss_fn=lm_loss, name="pretrain")
     assert not list((tmp_path / "work").glob("step-*"))
+
+
+def test_fsdp_on_cpu_is_refused_before_any_work(tmp_path: Path) -> None:
+    from tasks.errors import ConfigError
+
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.strategy=fsdp", "pretrain.devices=2",
+                                    "pretrain.device=cpu")
+    with pytest.raises(ConfigError, match=r"pretrain\.strategy=fsdp .* on CPU use pretrain\.strategy=ddp"):
+        pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    checkpoints = ws.root / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
