@@ -341,7 +341,8 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
     dims = {n: p.dim() for n, p in stepper.named_parameters()}
     wrapped = _wrap_distributed(stepper, device, strategy) if world > 1 else stepper
     fsdp = _fsdp_class(wrapped)
-    optimizer = make_optimizer(wrapped, cfg, device, dims)
+    # FSDP's parameters are its shards, named as the module's own; DDP keeps the module's parameters.
+    optimizer = make_optimizer(wrapped if fsdp else stepper, cfg, device, dims)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     result = TrainResult(steps=0, tokens_seen=0, resumed_from=None)
     checkpoints = list_checkpoints(work_dir) if cfg.resume else []
