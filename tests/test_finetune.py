@@ -228,9 +228,25 @@ def test_lora_trains_adapters_and_the_head_and_saves_a_merged_classifier(setup: 
 def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    bert = build_tiny_bert(tmp_path / "bert", _texts(setup.labeled, "train"))
+    # A set a one-layer BERT from scratch learns every time: the word for the label is in each text, at a
+    # position that varies alike in every split (the built-in sentiment set, 200 rows, left it between 0.6
+    # and 0.75 accuracy depending on rounding).
+    paths = {}
+    for split, (start, n) in {"train": (0, 60), "validation": (1000, 10), "test": (2000, 20)}.items():
+        paths[split] = tmp_path / "data" / f"{split}.csv"
+        paths[split].parent.mkdir(exist_ok=True)
+        with open(paths[split], "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for i in range(start, start + n):
+                for label in ("negative", "positive"):
+                    writer.writerow([f"{'so ' * (i % 4)}the parcel {i} was {label} today", label])
+    labeled = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(paths["train"]),
+                                                  validation_path=str(paths["validation"]),
+                                                  test_path=str(paths["test"])), setup.ws, 0)
+    bert = build_tiny_bert(tmp_path / "bert", _texts(labeled, "train"))
     cfg = _ft(setup, init_from=str(bert), max_steps=200, lr=3e-3, warmup_steps=10, eval_every=50)
-    clf = finetune.finetune(None, setup.labeled, cfg, setup.ws, 0)
+    clf = finetune.finetune(None, labeled, cfg, setup.ws, 0)
     assert clf.meta["model_type"] == "bert" and clf.meta["base"] == str(bert)
     loaded = AutoModelForSequenceClassification.from_pretrained(clf.path)
     assert loaded.config.id2label == {0: "negative", 1: "positive"}
@@ -240,10 +256,10 @@ def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_
     ids = finetune.encode_texts(tok, ["a fine film"], 32)[0]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id  # BERT's own special tokens
 
-    report = evaluate.evaluate_classifier(clf, setup.labeled, setup.cfg.evaluate, setup.ws, 32, 0).load()
-    assert report["model"]["accuracy"] > report["baselines"]["majority"]["accuracy"] + 0.1
+    report = evaluate.evaluate_classifier(clf, labeled, setup.cfg.evaluate, setup.ws, 32, 0).load()
+    assert report["model"]["accuracy"] > report["baselines"]["majority"]["accuracy"] + 0.3
     # A transformers pipeline over the artifact (what MLflow serves) predicts what the evaluation scored.
-    texts = _texts(setup.labeled, "test")
+    texts = _texts(labeled, "test")
     served = pipeline("text-classification", model=clf.path, tokenizer=clf.path)(texts, truncation=True, max_length=32)
     assert [p["label"] for p in served] == [report["labels"][i] for i in report["predictions"]]
 
