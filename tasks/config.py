@@ -303,7 +303,8 @@ class PretrainConfig(TrainConfig):
     node_rank: int = Field(0, ge=0, description="This node's rank when nnodes > 1.")
     rdzv_endpoint: str = Field("127.0.0.1:29500", description="torchrun rendezvous host:port (node 0) when nnodes > 1.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Data parallelism: DDP (replicated model) or FSDP (sharded, for models that don't fit)."
+        "ddp", description="Data parallelism: DDP (a full model per process) or FSDP (fully_shard: weights, gradients and "
+        "optimizer state sharded across processes, for models that don't fit one device; gloo on CPU, NCCL on CUDA)."
     )
     distributed_timeout_s: float | None = Field(
         None, gt=0, description="Kill the torchrun process group if distributed training runs longer than this."

@@ -19,7 +19,7 @@ from tasks.config import ModelConfig, PretrainConfig
 from tasks.errors import ConfigError, DataError
 from tasks.kernels import next_token_loss
 from tasks.tokenize import open_tokens
-from tasks.training import ShuffledIndices, dist_info, seed_everything, train
+from tasks.training import ShuffledIndices, dist_info, seed_everything, tied_aliases, train
 
 log = logging.getLogger("llmpipe")
 
@@ -172,6 +172,12 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
             "peak_flops": result.peak_flops, "final_train_loss": result.history[-1]["loss"],
             **{k: v for k, v in (result.evals[-1] if result.evals else {}).items() if k != "step"}}
     if rank == 0:
+        if result.full_weights is not None:  # FSDP: the model holds shards; save the gathered weights
+            model = build_lm(model_cfg, vocab_size, tokenizer.meta["eos_id"], tokenizer.meta["pad_id"])
+            missing, unexpected = model.load_state_dict(result.full_weights, strict=False)
+            if unexpected or set(missing) - set(tied_aliases(model)):
+                raise RuntimeError(f"FSDP gathered weights do not fit the model: missing {missing}, "
+                                   f"unexpected {unexpected}")
         model.to("cpu").save_pretrained(str(out), safe_serialization=True)
         for f in tokenizer.dir.iterdir():
             if f.name != "manifest.json":
@@ -217,9 +223,6 @@ def pretrain(
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> CheckpointRef:
     """Train a causal LM; the artifact is a ``save_pretrained`` directory plus tokenizer and loss curve."""
-    if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not torch.cuda.is_available()):
-        raise ConfigError("pretrain.strategy=fsdp shards the model over CUDA devices (PyTorch's FSDP needs an "
-                          "accelerator); on CPU use pretrain.strategy=ddp")
     fp = pretrain_fingerprint(tokens, tokenizer, model_cfg, cfg, seed)
     work_dir = workspace.work_dir("checkpoints", fp)
 

@@ -139,14 +139,12 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                   dims: dict[str, int] | None = None) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only. ``dims`` gives each parameter's original number of
-    dimensions by name, for a model whose parameters FSDP has flattened into shards."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (FSDP's sharded parameters keep their full shapes)."""
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (decay if (dims[n] if dims is not None else p.dim()) >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel exists for CUDA and CPU; one pass over each tensor instead of several foreach ops.
     fused = device.type in ("cuda", "cpu")
@@ -180,6 +178,7 @@ class TrainResult:
     train_seconds: float = 0.0
     stop_reason: str = "max_steps"
     peak_flops: float | None = None
+    full_weights: dict[str, torch.Tensor] | None = None  # FSDP: the gathered final weights (rank 0)
 
 
 def list_checkpoints(work_dir: Path) -> list[Path]:
@@ -206,14 +205,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
-                    state: dict[str, Any], keep: int, optimizer_state: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save_model
+                    state: dict[str, Any], keep: int, gathered: FullState | None = None) -> Path:
+    """Write ``step-N`` atomically. ``gathered``: the full weights and optimizer state that FSDP gathered
+    from every rank's shards (the model's own parameters hold only this rank's shard)."""
+    from safetensors.torch import save_file, save_model
 
     final = work_dir / f"step-{state['step']:08d}"
     tmp = work_dir / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    trainer = {"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+    if gathered is not None:
+        aliases = tied_aliases(model)
+        save_file({k: v.contiguous() for k, v in gathered.weights.items() if k not in aliases},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+    trainer = {"optimizer": gathered.optimizer if gathered is not None else optimizer.state_dict(),
                "scheduler": scheduler.state_dict(),
                "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -228,18 +234,27 @@ def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
-                    wrapped: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Restore a checkpoint; ``wrapped`` is the FSDP module around ``model``, if any."""
-    from safetensors.torch import load_model
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource) -> dict[str, Any]:
+    """Restore a checkpoint into ``model`` (sharded by FSDP or not), ``optimizer``, ``scheduler`` and
+    ``source``, and every RNG. Under FSDP every rank reads the full state and keeps its own shard."""
+    from safetensors.torch import load_file, load_model
 
-    fsdp = _fsdp_class(wrapped)
-    with fsdp.summon_full_params(wrapped, writeback=True) if fsdp else contextlib.nullcontext():
-        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
     trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
-    if fsdp:
-        optimizer.load_state_dict(fsdp.optim_state_dict_to_load(wrapped, optimizer, trainer["optimizer"]))
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)
+        weights = load_file(str(path / "model.safetensors"))
+        for alias, name in tied_aliases(model).items():
+            weights[alias] = weights[name]
+        set_model_state_dict(model, weights, options=full)
+        set_optimizer_state_dict(model, optimizer, trainer["optimizer"], options=full)
     else:
+        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
         optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["torch_rng"])
@@ -267,33 +282,73 @@ class _LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def _wrap_distributed(model: torch.nn.Module, device: torch.device, strategy: str) -> torch.nn.Module:
+def _wrap_distributed(stepper: _LossModule, device: torch.device, strategy: str,
+                      amp: torch.dtype | None) -> torch.nn.Module:
+    """DDP around the loss module, or FSDP (``fully_shard``) over the model in place: each transformer
+    block is its own shard group, the model is the root (so every forward, evaluation included,
+    gathers and frees the blocks' weights in turn), and the loss module stays outside it."""
     if strategy == "fsdp":
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        return FullyShardedDataParallel(model, device_id=device if device.type == "cuda" else None,
-                                        use_orig_params=True)
+        mesh = init_device_mesh(device.type, (dist_info()[1],))
+        # bf16: gather weights and compute in bf16, reduce gradients in fp32 (the master weights stay fp32).
+        policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+        model = stepper.model
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return stepper
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(stepper, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _fsdp_class(wrapped: torch.nn.Module | None):
-    """FullyShardedDataParallel if ``wrapped`` is one, else None."""
-    if wrapped is None or not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP (``fully_shard``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
 
-    return FullyShardedDataParallel if isinstance(wrapped, FullyShardedDataParallel) else None
+    return isinstance(model, FSDPModule)
 
 
-def _full_state_model(wrapped: torch.nn.Module):
-    """A context in which the model's parameters hold the full weights (FSDP gathers them; every rank
-    must enter it)."""
-    fsdp = _fsdp_class(wrapped)
-    if fsdp:
-        return fsdp.summon_full_params(wrapped, writeback=False, rank0_only=False)
-    return contextlib.nullcontext()
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Parameter names that share a tensor with an earlier name (GPT-2's output layer and token
+    embedding), mapped to that name; a checkpoint stores each shared tensor once."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+@dataclass
+class FullState:
+    """The full (unsharded) weights and optimizer state, keyed by parameter name, on CPU."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> FullState:
+    """Gather FSDP shards into full tensors on rank 0 (other ranks get empty dicts); a collective: every
+    rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
+    return FullState(weights, optim)
 
 
 def train(
@@ -335,20 +390,18 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
     amp = autocast_dtype(cfg, device)
     accum = cfg.accum_steps
     work_dir.mkdir(parents=True, exist_ok=True)
-    # Wrap first, then build the optimizer on the wrapped parameters (FSDP replaces them with shards),
-    # then restore a checkpoint into both.
+    # Wrap first, then build the optimizer on the wrapped parameters (FSDP replaces them with sharded
+    # DTensors of the same names and shapes), then restore a checkpoint into both.
     stepper = _LossModule(model, loss_fn)
-    dims = {n: p.dim() for n, p in stepper.named_parameters()}
-    wrapped = _wrap_distributed(stepper, device, strategy) if world > 1 else stepper
-    fsdp = _fsdp_class(wrapped)
-    # FSDP's parameters are its shards, named as the module's own; DDP keeps the module's parameters.
-    optimizer = make_optimizer(wrapped if fsdp else stepper, cfg, device, dims)
+    wrapped = _wrap_distributed(stepper, device, strategy, amp) if world > 1 else stepper
+    fsdp = _is_fsdp(model)
+    optimizer = make_optimizer(stepper, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     result = TrainResult(steps=0, tokens_seen=0, resumed_from=None)
     checkpoints = list_checkpoints(work_dir) if cfg.resume else []
     early_stop = False
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source, wrapped)
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source)
         result.steps, result.tokens_seen = state["step"], state["tokens_seen"]
         result.history, result.evals = state["history"], state["evals"]
         result.resumed_from = result.steps
@@ -365,8 +418,11 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
                                                   for n in sizes for _ in range(2))
 
     def sync_ctx(micro: int):
+        """Reduce gradients across ranks only on the last micro-batch of a step."""
         last_micro = micro == accum - 1
-        if world > 1 and not last_micro and hasattr(wrapped, "no_sync"):
+        if fsdp:
+            model.set_requires_gradient_sync(last_micro)
+        elif world > 1 and not last_micro:
             return wrapped.no_sync()
         return contextlib.nullcontext()
 
@@ -391,10 +447,10 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
             n_tok += tokens_in(batch)
         if not cfg.grad_clip:
             grad_norm = torch.zeros(())
-        elif fsdp:  # the norm over every rank's shard
-            grad_norm = wrapped.clip_grad_norm_(cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+        else:  # under FSDP the gradients are DTensor shards and this is the norm over all of them
+            grad_norm = torch.nn.utils.clip_grad_norm_(stepper.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -425,8 +481,8 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
                     on_progress(step, cfg.max_steps, row)
             window_start, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
         if evaluate and (step % cfg.eval_every == 0 or last):
-            with _full_state_model(wrapped):
-                metrics = {"step": step, **evaluate(model)} if rank == 0 else None
+            # Under FSDP every rank runs the evaluation (each forward gathers the shards); rank 0 keeps it.
+            metrics = {"step": step, **evaluate(model)} if rank == 0 or fsdp else None
             if rank == 0:
                 result.evals.append(metrics)
                 log.info("%s eval at step %d: %s", name, step,
@@ -440,17 +496,17 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
                 early_stop = bool(flag.item())
             model.train()
         if step % cfg.checkpoint_every == 0 or last or early_stop:
-            # FSDP: every rank takes part in gathering the full optimizer state, keyed by parameter name.
-            optimizer_state = fsdp.optim_state_dict(wrapped, optimizer) if fsdp else None
-            with _full_state_model(wrapped):
-                if rank == 0:
-                    save_checkpoint(work_dir, model, optimizer, scheduler, source,
-                                    {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
-                                     "evals": result.evals, "early_stop": early_stop}, cfg.keep_checkpoints,
-                                    optimizer_state)
+            # FSDP: every rank takes part in gathering the full weights and optimizer state onto rank 0.
+            gathered = gather_full_state(model, optimizer) if fsdp else None
+            if rank == 0:
+                save_checkpoint(work_dir, model, optimizer, scheduler, source,
+                                {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
+                                 "evals": result.evals, "early_stop": early_stop}, cfg.keep_checkpoints, gathered)
             if world > 1:
                 torch.distributed.barrier()
     result.train_seconds = time.perf_counter() - t0
+    if fsdp:  # the trained weights, whole, for rank 0 to save (every rank takes part in gathering them)
+        result.full_weights = gather_full_state(model).weights
     model.eval()
     return result
 

@@ -290,12 +290,30 @@ def test_compile_without_a_cpu_compiler_fails_before_training(tmp_path: Path, mo
     assert not list((tmp_path / "work").glob("step-*"))
 
 
-def test_fsdp_on_cpu_is_refused_before_any_work(tmp_path: Path) -> None:
-    from tasks.errors import ConfigError
-
-    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.strategy=fsdp", "pretrain.devices=2",
-                                    "pretrain.device=cpu")
-    with pytest.raises(ConfigError, match=r"pretrain\.strategy=fsdp .* on CPU use pretrain\.strategy=ddp"):
-        pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
-    checkpoints = ws.root / "checkpoints"
-    assert not checkpoints.exists() or not any(checkpoints.iterdir())
+@pytest.mark.slow
+def test_fsdp_two_processes_resume_after_a_crash_and_match_one_process(tmp_path: Path, monkeypatch) -> None:
+    # FSDP (fully_shard over a CPU device mesh, gloo): sharded weights, gathered checkpoints and
+    # evaluation, a crash at step 7, a resume from the step-4 checkpoint, and the same training as one
+    # process at the same global batch.
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=10", "pretrain.log_every=1",
+                                    "pretrain.checkpoint_every=4", "pretrain.eval_every=5")
+    single = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 8}), ws, cfg.seed)
+    sharded_cfg = cfg.pretrain.model_copy(update={"batch_size": 4, "devices": 2, "strategy": "fsdp"})
+    work_dir = ws.work_dir("checkpoints", pretrain_fingerprint(tokens, tok, cfg.model, sharded_cfg, cfg.seed))
+    monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:oserror@7")
+    with pytest.raises(RuntimeError, match="torchrun exited"):
+        pretrain(tokens, tok, cfg.model, sharded_cfg, ws, cfg.seed)
+    assert [p.name for p in list_checkpoints(work_dir)] == ["step-00000004"]
+    monkeypatch.delenv("LLMPIPE_FAULT")
+    sharded = pretrain(tokens, tok, cfg.model, sharded_cfg, ws, cfg.seed)
+    assert sharded.meta["processes"] == 2 and sharded.meta["resumed_from"] == 4
+    assert sharded.meta["tokens_seen"] == single.meta["tokens_seen"]
+    log_1, log_2 = load_training_log(single), load_training_log(sharded)
+    assert [h["loss"] for h in log_1["history"]] == pytest.approx([h["loss"] for h in log_2["history"]], rel=1e-4)
+    assert [h["grad_norm"] for h in log_1["history"]] == pytest.approx([h["grad_norm"] for h in log_2["history"]],
+                                                                       rel=1e-3)
+    assert [e["step"] for e in log_2["evals"]] == [5, 10]
+    assert sharded.meta["val_loss"] == pytest.approx(single.meta["val_loss"], rel=5e-4)
+    a, b = _weights(single), _weights(sharded)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
