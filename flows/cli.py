@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -86,10 +87,22 @@ def preflight(cfg: PipelineConfig) -> None:
                               "llmpipe run cannot pass one (use 'files' or 'hub')")
 
 
+def exit_on_sigterm() -> None:
+    """Unwind on SIGTERM (a scheduler's timeout, ``kill``) as on Ctrl-C: the running stage's cleanup runs
+    (the torchrun group is killed), Prefect records the run as crashed, and exit handlers stop the
+    temporary local API instead of leaving it running without a parent."""
+
+    def handler(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_run(cfg: PipelineConfig) -> int:
     from flows import runtime
 
     preflight(cfg)  # before anything is written
+    exit_on_sigterm()
     env = runtime.configure(cfg.workspace)
     runtime.prepare_backends(cfg.workspace)
     from flows.pipeline import llm_pipeline

@@ -115,3 +115,37 @@ def test_a_stage_that_fails_once_is_retried_and_a_data_error_is_not(tmp_path: Pa
     assert proc.returncode == 1, out[-3000:]
     assert "injected data error in tokenize" in out
     assert "Awaiting Retry" not in out  # a user error fails at once
+
+
+def _session_processes(sid: int) -> list[str]:
+    """Command lines of the live processes in session ``sid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigterm_crashes_the_run_cleanly_and_leaves_no_server_behind(tmp_path: Path) -> None:
+    # A scheduler's timeout sends SIGTERM to the CLI alone; its temporary Prefect API must not outlive it.
+    proc = _llmpipe(tmp_path, "run", "--config", "tiny", "--set", "pretrain.max_steps=1000000",
+                    "--set", "pretrain.log_every=5")
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "pretrain step" in line:
+            break
+    assert any("uvicorn" in cmd for cmd in _session_processes(proc.pid)), "the temporary Prefect API is not running"
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen)[-2000:] + rest[-2000:]
+    assert "Crashed('Execution was aborted by a termination signal.')" in rest
+    deadline = time.monotonic() + 15
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_processes(proc.pid) == []
