@@ -7,7 +7,8 @@ everything needed to continue bit-for-bit: weights (safetensors), optimizer and 
 every RNG state (python, numpy, torch, CUDA), the batch source's position, the step, the tokens
 seen and the metric history. Checkpoints are written to ``step-N.tmp-*`` and renamed, so a
 directory named ``step-N`` is always complete. Under ``torch.distributed`` the model is wrapped in
-DDP (or FSDP), each rank draws its share of every global batch, and only rank 0 writes.
+DDP (or sharded with FSDP's ``fully_shard``), each rank draws its share of every global batch, and
+only rank 0 writes (under FSDP after every rank has helped gather the full state).
 """
 
 from __future__ import annotations
