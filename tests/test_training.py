@@ -194,10 +194,18 @@ def test_continue_from_a_checkpoint_directory(tmp_path: Path) -> None:
     assert second.meta["final_train_loss"] < first.meta["final_train_loss"]
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
-    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=10", "pretrain.log_every=1")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Ten steps in one process at micro-batch 8: what two processes at micro-batch 4 must match."""
+    cfg, ws, tok, tokens = _prepare(tmp_path_factory.mktemp("parity") / "ws", "pretrain.max_steps=10",
+                                    "pretrain.log_every=1")
     single = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 8}), ws, cfg.seed)
+    return cfg, ws, tok, tokens, single
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_at_the_same_global_batch(one_process) -> None:
+    cfg, ws, tok, tokens, single = one_process
     ddp = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 4, "devices": 2}), ws,
                    cfg.seed)
     assert ddp.meta["processes"] == 2 and single.meta["processes"] == 1
@@ -291,14 +299,13 @@ def test_compile_without_a_cpu_compiler_fails_before_training(tmp_path: Path, mo
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_resume_after_a_crash_and_match_one_process(tmp_path: Path, monkeypatch) -> None:
+def test_fsdp_two_processes_resume_after_a_crash_and_match_one_process(one_process, monkeypatch) -> None:
     # FSDP (fully_shard over a CPU device mesh, gloo): sharded weights, gathered checkpoints and
     # evaluation, a crash at step 7, a resume from the step-4 checkpoint, and the same training as one
     # process at the same global batch.
-    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", "pretrain.max_steps=10", "pretrain.log_every=1",
-                                    "pretrain.checkpoint_every=4", "pretrain.eval_every=5")
-    single = pretrain(tokens, tok, cfg.model, cfg.pretrain.model_copy(update={"batch_size": 8}), ws, cfg.seed)
-    sharded_cfg = cfg.pretrain.model_copy(update={"batch_size": 4, "devices": 2, "strategy": "fsdp"})
+    cfg, ws, tok, tokens, single = one_process
+    sharded_cfg = cfg.pretrain.model_copy(update={"batch_size": 4, "devices": 2, "strategy": "fsdp",
+                                                  "checkpoint_every": 4, "eval_every": 5})
     work_dir = ws.work_dir("checkpoints", pretrain_fingerprint(tokens, tok, cfg.model, sharded_cfg, cfg.seed))
     monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:oserror@7")
     with pytest.raises(RuntimeError, match="torchrun exited"):
