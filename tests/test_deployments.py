@@ -223,6 +223,12 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         with temporary_settings({PREFECT_API_URL: api_url}):
             yield s
     finally:
+        # The in-process `concurrency` block emitted events through Prefect's process-wide EventsWorker, which
+        # stays bound to this server. Flush and retire it while the server is up: a later module's events would
+        # otherwise queue behind reconnects to a dead port (about two minutes at the next harness's teardown).
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=30)
         for proc in reversed(s.procs):
             _stop(proc)
 
