@@ -259,6 +259,9 @@ def _labeled_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {split} | {report['origin'][split]} | {report['rows'][split]:,} | "
                      f"{report['empty_text_dropped'].get(split, 0):,} | "
                      + " | ".join(f"{balance[lab]:,}" for lab in labels) + " |")
+    if report.get("held_out_group_rows_left_out"):
+        lines += ["", f"{report['held_out_group_rows_left_out']:,} training rows contained in held-out texts were "
+                  "left out of training (labeled.split_groups)."]
     return "\n".join(lines) + "\n"
 
 
@@ -404,9 +407,13 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
             if not splits[split]:
                 raise DataError(f"{origin[split]}: no rows with text")
         given = list(splits)
+        n_rows = sum(len(v) for v in splits.values())
         splits = _complete_splits(splits, cfg, seed, origin.get("train", "train split"))
+        # With split_groups, the other texts of a held-out group leave training (they would leak its answer).
+        left_out = n_rows - sum(len(v) for v in splits.values())
+        how = "grouped by containing text, stratified" if cfg.split_groups == "contained_text" else "stratified"
         for split in SPLITS:
-            origin.setdefault(split, f"split off {origin.get('train', 'train')} (stratified)")
+            origin.setdefault(split, f"split off {origin.get('train', 'train')} ({how})")
         labels = list(cfg.labels) or sorted({r["label"] for r in splits["train"]}, key=_label_sort_key)
         if len(labels) < 2:
             raise DataError(f"{origin.get('train', 'train split')}: only one class ({labels[0]!r}) in the training "
@@ -427,6 +434,7 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
         rows_count = {k: len(v) for k, v in splits.items()}
         write_json(out / DATA_REPORT, {"labels": labels, "class_balance": balance, "rows": rows_count,
                                        "origin": origin, "splits_given": given,
+                                       "held_out_group_rows_left_out": left_out,
                                        "empty_text_dropped": dict(reader.empty)})
         log.info("labeled data: %s", json.dumps(balance))
         return {"id2label": id2label, "class_balance": balance, "rows": rows_count, "splits_given": given}
@@ -436,41 +444,79 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
 
 def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: int,
                      origin: str) -> dict[str, list[dict]]:
-    """Split whichever of validation and test were not given off train, stratified by label."""
+    """Split whichever of validation and test were not given off train, stratified by label.
+
+    The units drawn are single rows, or with ``split_groups='contained_text'`` groups of rows whose texts are
+    contained in one longer text: a held-out group contributes its longest text and leaves training whole.
+    """
     from sklearn.model_selection import train_test_split
 
     missing = [s for s in ("validation", "test") if s not in splits]
     if not missing:
         return splits
     train = splits["train"]
+    groups = (containment_groups([r["text"] for r in train]) if cfg.split_groups == "contained_text"
+              else list(range(len(train))))
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    units = list(members)
     fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
     held_share = sum(fractions[s] for s in missing)
-    labels = [r["label"] for r in train]
+    labels = [train[u]["label"] for u in units]
     counts = Counter(labels)
-    n_held = math.ceil(len(train) * held_share)
+    n_held = math.ceil(len(units) * held_share)
+    what = "groups of contained texts" if cfg.split_groups == "contained_text" else "rows"
     # Stratify only when every class can appear in each part; a tiny class falls back to a plain split.
     stratify = labels if min(counts.values()) >= 2 * (len(missing) + 1) and n_held >= len(counts) else None
     need = len(missing) * (len(counts) if stratify else 1)
-    if n_held < need or len(train) - n_held < len(counts):
+    if n_held < need or len(units) - n_held < len(counts):
         raise DataError(
-            f"{origin}: {len(train)} rows are too few to split off {' and '.join(missing)} "
+            f"{origin}: {len(units)} {what} are too few to split off {' and '.join(missing)} "
             f"({held_share:.0%} of train) and keep every class in training; give more rows or the "
             f"{' and '.join(missing)} split(s) explicitly"
         )
     try:
-        rest, held = train_test_split(train, test_size=held_share, random_state=seed, stratify=stratify)
+        rest, held = train_test_split(units, test_size=held_share, random_state=seed, stratify=stratify)
         if len(missing) == 1:
-            splits[missing[0]] = held
+            parts = {missing[0]: held}
         else:
-            held_labels = [r["label"] for r in held]
+            held_labels = [train[u]["label"] for u in held]
             strat2 = held_labels if stratify is not None and min(Counter(held_labels).values()) >= 2 else None
             share = fractions["test"] / held_share
-            splits["validation"], splits["test"] = train_test_split(held, test_size=share, random_state=seed,
-                                                                    stratify=strat2)
+            parts = dict(zip(("validation", "test"), train_test_split(held, test_size=share, random_state=seed,
+                                                                       stratify=strat2)))
     except ValueError as exc:  # sklearn's own checks, for what the sizes above do not foresee
         raise DataError(f"{origin}: cannot split off {' and '.join(missing)}: {exc}") from None
-    splits["train"] = rest
+    for name, part in parts.items():
+        splits[name] = [train[u] for u in part]
+    splits["train"] = [train[i] for u in rest for i in members[u]]
     return splits
+
+
+def containment_groups(texts: list[str]) -> list[int]:
+    """For each text, the index of the longest text that contains it at word boundaries (its own when none).
+
+    Longest first, each text joins the first earlier group root containing it, else starts a group; candidate
+    roots come from an inverted index on the text's two rarest words, so SST-2's 67k phrases group in about a
+    second. Deterministic: ties in length keep input order.
+    """
+    norm = [" ".join(t.split()) for t in texts]
+    order = sorted(range(len(norm)), key=lambda i: (-len(norm[i]), i))
+    group = list(range(len(norm)))
+    index: dict[str, set[int]] = {}
+    for i in order:
+        words = set(norm[i].split())
+        rare = sorted(words, key=lambda w: (len(index.get(w, ())), w))[:2]
+        candidates = set.intersection(*(index.get(w, set()) for w in rare)) if rare else set()
+        padded = f" {norm[i]} "
+        root = next((r for r in sorted(candidates) if padded in f" {norm[r]} "), None)
+        if root is None:
+            for w in words:
+                index.setdefault(w, set()).add(i)
+        else:
+            group[i] = root
+    return group
 
 
 def load_split(ref: CorpusRef | LabeledRef, split: str) -> list[dict[str, Any]]:

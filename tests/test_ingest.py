@@ -376,6 +376,49 @@ def test_labeled_declared_label_set_and_missing_label(tmp_path: Path, ws: Worksp
         ingest.ingest_labeled(cfg, ws)
 
 
+def test_containment_groups_match_whole_words_and_keep_input_order_on_ties() -> None:
+    texts = ["a film of quiet power", "quiet power", "quiet  power ", "film", "a fil", "power and grace",
+             "power", "grace under fire"]
+    # "a fil" is not a word-boundary part of "a film ..."; "power" goes to the first (longest) root holding it.
+    assert ingest.containment_groups(texts) == [0, 0, 0, 0, 4, 5, 0, 7]
+    assert ingest.containment_groups([]) == []
+
+
+def _phrase_frame(n_sentences: int) -> pd.DataFrame:
+    """Sentences with their phrases, as SST-2 ships them: every phrase carries its sentence's label."""
+    rows = []
+    for i in range(n_sentences):
+        label = i % 2
+        words = [f"w{i}x{j}" for j in range(6)] + ["good" if label else "bad", "film"]
+        rows.append({"text": " ".join(words), "label": label})
+        rows += [{"text": " ".join(words[k:k + 3]), "label": label} for k in range(0, 6, 2)]
+    return pd.DataFrame(rows)
+
+
+def test_labeled_split_groups_hold_out_whole_sentences_and_drop_their_phrases(ws: Workspace) -> None:
+    frame = _phrase_frame(60)
+    plain = ingest.ingest_labeled(LabeledConfig(source="dataframe"), ws, frames={"train": frame})
+    grouped_cfg = LabeledConfig(source="dataframe", split_groups="contained_text")
+    grouped = ingest.ingest_labeled(grouped_cfg, ws, frames={"train": frame})
+    assert grouped.fingerprint != plain.fingerprint
+    train = [r["text"] for r in ingest.load_split(grouped, "train")]
+    held = [r["text"] for split in ("validation", "test") for r in ingest.load_split(grouped, split)]
+    # 60 groups: 10% + 10% held out as whole sentences (8 words each), stratified by label.
+    assert len(held) == 12 and all(len(t.split()) == 8 for t in held)
+    assert grouped.meta["class_balance"]["validation"] == {"0": 3, "1": 3}
+    # No training row is a sentence or a phrase of a held-out sentence; the rest of each group stays.
+    assert not [t for t in train if any(f" {t} " in f" {h} " for h in held)]
+    assert len(train) == 240 - 12 * 4
+    report = ingest.load_data_report(grouped)
+    assert report["held_out_group_rows_left_out"] == 36
+    assert "grouped by containing text" in report["origin"]["validation"]
+    assert "36 training rows contained in held-out texts" in ingest.data_report_markdown(report)
+    # Without grouping, phrases of held-out sentences stay in training: the leak grouping removes.
+    plain_train = {r["text"] for r in ingest.load_split(plain, "train")}
+    plain_held = [r["text"] for r in ingest.load_split(plain, "validation")]
+    assert any(f" {t} " in f" {h} " for h in plain_held for t in plain_train if t != h)
+
+
 def test_labeled_real_sst2_and_sms_spam(shared_data: Path, ws: Workspace) -> None:
     sst = LabeledConfig(source="files", train_path=str(shared_data / "sst2" / "train.tsv"),
                         validation_path=str(shared_data / "sst2" / "dev.tsv"), text_column="sentence",
@@ -385,6 +428,12 @@ def test_labeled_real_sst2_and_sms_spam(shared_data: Path, ws: Workspace) -> Non
     total = ref.meta["rows"]["train"] + ref.meta["rows"]["test"]
     assert total == 67349 and ref.meta["rows"]["validation"] == 872
     assert ref.meta["class_balance"]["validation"] == {"negative": 428, "positive": 444}
+    # Grouped by sentence: GLUE's 67,349 phrases come from 6,886 texts; the held-out test split is 689 whole
+    # sentences (dev's length), and their 5,950 phrases leave training.
+    ref = ingest.ingest_labeled(sst.model_copy(update={"split_groups": "contained_text"}), ws)
+    test = ingest.load_split(ref, "test")
+    assert len(test) == 689 and ref.meta["rows"]["train"] == 67349 - 689 - 5950
+    assert 18 < sum(len(r["text"].split()) for r in test) / len(test) < 21
     spam = LabeledConfig(source="files", train_path=str(shared_data / "sms_spam" / "SMSSpamCollection"),
                          has_header=False, text_column="1", label_column="0")
     ref = ingest.ingest_labeled(spam, ws)
