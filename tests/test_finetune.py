@@ -375,6 +375,7 @@ def test_presets_read_hub_datasets_by_default() -> None:
     sst2, sms = load_config("sst2"), load_config("sms-spam")
     assert sst2.labeled.source == "hub" and sst2.labeled.hub_name == "stanfordnlp/sst2"
     assert sst2.labeled.hub_test_split == "validation"  # GLUE dev: the usual SST-2 evaluation split
+    assert sst2.labeled.split_groups == "contained_text"  # validation holds out whole sentences
     assert [s.kind for s in sst2.corpus.sources] == ["hub"] and sst2.corpus.sources[0].split == "train"
     assert sms.labeled.source == "hub" and sms.labeled.test_fraction == 0.2
     assert sms.corpus.sources[0].kind == "hub"
@@ -389,7 +390,9 @@ def test_sst2_preset_on_local_glue_files(shared_data: Path, tmp_path: Path) -> N
                                f"labeled.test_path={d / 'dev.tsv'}"])
     out = _run_chain(cfg)
     assert out["report"]["test_rows"] == 872 and out["report"]["labels"] == ["negative", "positive"]
-    assert out["labeled"].meta["rows"]["train"] + out["labeled"].meta["rows"]["validation"] > 60_000
+    # 10% of the 6,886 source sentences held out whole for validation; their phrases left training.
+    rows = out["labeled"].meta["rows"]
+    assert rows["validation"] == 689 and rows["train"] == 67349 - 689 - 5950
     assert out["report"]["baselines"]["tfidf_logreg"]["accuracy"] > 0.8
 
 
