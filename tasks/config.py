@@ -174,8 +174,10 @@ class LabeledConfig(Section):
     test_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of train split off (stratified) for test when none is given."
     )
-    split_groups: Literal["none", "contained_text"] = Field(
+    split_groups: Literal["none", "duplicate_text", "contained_text"] = Field(
         "none", description="How rows split off train for validation/test are drawn. 'none': single rows. "
+        "'duplicate_text': rows with the same text (whitespace aside) go together and a held-out text is scored "
+        "once, so no held-out text is also a training text. "
         "'contained_text': a row whose text occurs, at word boundaries, inside a longer training text joins that "
         "text's group (the phrases of one sentence, as in SST-2); whole groups are held out, each scored by its "
         "longest text, and the rest of a held-out group leaves training, so validation measures unseen sentences "

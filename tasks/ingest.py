@@ -260,8 +260,13 @@ def _labeled_markdown(report: dict[str, Any]) -> str:
                      f"{report['empty_text_dropped'].get(split, 0):,} | "
                      + " | ".join(f"{balance[lab]:,}" for lab in labels) + " |")
     if report.get("held_out_group_rows_left_out"):
-        lines += ["", f"{report['held_out_group_rows_left_out']:,} training rows contained in held-out texts were "
-                  "left out of training (labeled.split_groups)."]
+        lines += ["", f"{report['held_out_group_rows_left_out']:,} rows grouped with held-out texts (duplicates or "
+                  "contained phrases) were left out of training (labeled.split_groups)."]
+    seen = {k: n for k, n in report.get("held_out_texts_in_train", {}).items() if n}
+    if seen:
+        lines += ["", "Held-out rows whose text is also a training text (scored on answers seen in training; "
+                  "`labeled.split_groups: duplicate_text` prevents this): "
+                  + ", ".join(f"{k} {n:,}" for k, n in seen.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -411,7 +416,8 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
         splits = _complete_splits(splits, cfg, seed, origin.get("train", "train split"))
         # With split_groups, the other texts of a held-out group leave training (they would leak its answer).
         left_out = n_rows - sum(len(v) for v in splits.values())
-        how = "grouped by containing text, stratified" if cfg.split_groups == "contained_text" else "stratified"
+        how = {"none": "stratified", "duplicate_text": "duplicates together, stratified",
+               "contained_text": "grouped by containing text, stratified"}[cfg.split_groups]
         for split in SPLITS:
             origin.setdefault(split, f"split off {origin.get('train', 'train')} ({how})")
         labels = list(cfg.labels) or sorted({r["label"] for r in splits["train"]}, key=_label_sort_key)
@@ -435,6 +441,7 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
         write_json(out / DATA_REPORT, {"labels": labels, "class_balance": balance, "rows": rows_count,
                                        "origin": origin, "splits_given": given,
                                        "held_out_group_rows_left_out": left_out,
+                                       "held_out_texts_in_train": _texts_in_train(splits),
                                        "empty_text_dropped": dict(reader.empty)})
         log.info("labeled data: %s", json.dumps(balance))
         return {"id2label": id2label, "class_balance": balance, "rows": rows_count, "splits_given": given}
@@ -455,8 +462,9 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
     if not missing:
         return splits
     train = splits["train"]
-    groups = (containment_groups([r["text"] for r in train]) if cfg.split_groups == "contained_text"
-              else list(range(len(train))))
+    texts = [r["text"] for r in train]
+    groups = (containment_groups(texts) if cfg.split_groups == "contained_text"
+              else duplicate_groups(texts) if cfg.split_groups == "duplicate_text" else list(range(len(train))))
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -466,7 +474,8 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
     labels = [train[u]["label"] for u in units]
     counts = Counter(labels)
     n_held = math.ceil(len(units) * held_share)
-    what = "groups of contained texts" if cfg.split_groups == "contained_text" else "rows"
+    what = "rows" if cfg.split_groups == "none" else "distinct texts" if cfg.split_groups == "duplicate_text" \
+        else "groups of contained texts"
     # Stratify only when every class can appear in each part; a tiny class falls back to a plain split.
     stratify = labels if min(counts.values()) >= 2 * (len(missing) + 1) and n_held >= len(counts) else None
     need = len(missing) * (len(counts) if stratify else 1)
@@ -494,6 +503,22 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
     return splits
 
 
+def _texts_in_train(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Per held-out split, how many rows have a text that is also a training text: answers seen in training."""
+    train = {_norm_text(r["text"]) for r in splits["train"]}
+    return {name: sum(_norm_text(r["text"]) in train for r in splits[name]) for name in ("validation", "test")}
+
+
+def _norm_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def duplicate_groups(texts: list[str]) -> list[int]:
+    """For each text, the index of its first occurrence (whitespace runs and ends aside)."""
+    first: dict[str, int] = {}
+    return [first.setdefault(_norm_text(t), i) for i, t in enumerate(texts)]
+
+
 def containment_groups(texts: list[str]) -> list[int]:
     """For each text, the index of the longest text that contains it at word boundaries (its own when none).
 
@@ -501,7 +526,7 @@ def containment_groups(texts: list[str]) -> list[int]:
     roots come from an inverted index on the text's two rarest words, so SST-2's 67k phrases group in about
     2 s. Deterministic: ties in length keep input order.
     """
-    norm = [" ".join(t.split()) for t in texts]
+    norm = [_norm_text(t) for t in texts]
     order = sorted(range(len(norm)), key=lambda i: (-len(norm[i]), i))
     group = list(range(len(norm)))
     index: dict[str, set[int]] = {}

@@ -407,6 +407,8 @@ def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Pa
     out = _run_chain(cfg)
     rows = out["labeled"].meta["rows"]
     assert out["report"]["labels"] == ["ham", "spam"]
-    assert rows["test"] == pytest.approx(0.2 * sum(rows.values()), abs=2)  # the stratified 20% held out
-    assert out["report"]["model"]["per_class"]["spam"]["support"] == pytest.approx(0.2 * 747, abs=2)
+    # The stratified 20% of the 5,160 distinct messages held out; no test message is also a training message.
+    assert rows["test"] == 1033 and out["labeled"].meta["rows"] == rows
+    assert ingest.load_data_report(out["labeled"])["held_out_texts_in_train"] == {"validation": 0, "test": 0}
+    assert out["report"]["model"]["per_class"]["spam"]["support"] == 129
     assert out["report"]["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9

@@ -384,6 +384,10 @@ def test_containment_groups_match_whole_words_and_keep_input_order_on_ties() -> 
     assert ingest.containment_groups([]) == []
 
 
+def test_duplicate_groups_ignore_whitespace_only() -> None:
+    assert ingest.duplicate_groups(["ok lar", "Ok lar", " ok  lar ", "free entry", "ok lar"]) == [0, 1, 0, 3, 0]
+
+
 def _phrase_frame(n_sentences: int) -> pd.DataFrame:
     """Sentences with their phrases, as SST-2 ships them: every phrase carries its sentence's label."""
     rows = []
@@ -412,7 +416,8 @@ def test_labeled_split_groups_hold_out_whole_sentences_and_drop_their_phrases(ws
     report = ingest.load_data_report(grouped)
     assert report["held_out_group_rows_left_out"] == 36
     assert "grouped by containing text" in report["origin"]["validation"]
-    assert "36 training rows contained in held-out texts" in ingest.data_report_markdown(report)
+    assert "36 rows grouped with held-out texts" in ingest.data_report_markdown(report)
+    assert report["held_out_texts_in_train"] == {"validation": 0, "test": 0}
     # Without grouping, phrases of held-out sentences stay in training: the leak grouping removes.
     plain_train = {r["text"] for r in ingest.load_split(plain, "train")}
     plain_held = [r["text"] for r in ingest.load_split(plain, "validation")]
@@ -443,5 +448,12 @@ def test_labeled_real_sst2_and_sms_spam(shared_data: Path, ws: Workspace) -> Non
     for split in ("train", "validation", "test"):
         share = balance[split]["spam"] / sum(balance[split].values())
         assert 0.11 < share < 0.16, split
+    # A plain 10% split scores 60 test messages that are also training messages; duplicate_text keeps copies
+    # together: 20% of the 5,160 distinct messages, none seen in training, spam share kept.
+    assert ingest.load_data_report(ref)["held_out_texts_in_train"]["test"] == 60
+    dedup = ingest.ingest_labeled(spam.model_copy(update={"split_groups": "duplicate_text", "test_fraction": 0.2}), ws)
+    report = ingest.load_data_report(dedup)
+    assert report["held_out_texts_in_train"] == {"validation": 0, "test": 0}
+    assert report["rows"]["test"] == 1033 and report["class_balance"]["test"] == {"ham": 904, "spam": 129}
     # TSV fields are verbatim: a message that starts with a quote keeps it.
     assert any(r["text"].startswith('"') for r in ingest.load_split(ref, "train"))
