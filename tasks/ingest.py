@@ -265,7 +265,7 @@ def _labeled_markdown(report: dict[str, Any]) -> str:
     seen = {k: n for k, n in report.get("held_out_texts_in_train", {}).items() if n}
     if seen:
         lines += ["", "Held-out rows whose text is also a training text (scored on answers seen in training; "
-                  "`labeled.split_groups: duplicate_text` prevents this): "
+                  "`labeled.split_groups` prevents this in splits taken off train): "
                   + ", ".join(f"{k} {n:,}" for k, n in seen.items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -416,8 +416,7 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
         splits = _complete_splits(splits, cfg, seed, origin.get("train", "train split"))
         # With split_groups, the other texts of a held-out group leave training (they would leak its answer).
         left_out = n_rows - sum(len(v) for v in splits.values())
-        how = {"none": "stratified", "duplicate_text": "duplicates together, stratified",
-               "contained_text": "grouped by containing text, stratified"}[cfg.split_groups]
+        how = _SPLIT_GROUPS[cfg.split_groups][2]
         for split in SPLITS:
             origin.setdefault(split, f"split off {origin.get('train', 'train')} ({how})")
         labels = list(cfg.labels) or sorted({r["label"] for r in splits["train"]}, key=_label_sort_key)
@@ -453,8 +452,8 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
                      origin: str) -> dict[str, list[dict]]:
     """Split whichever of validation and test were not given off train, stratified by label.
 
-    The units drawn are single rows, or with ``split_groups='contained_text'`` groups of rows whose texts are
-    contained in one longer text: a held-out group contributes its longest text and leaves training whole.
+    The units drawn are rows, or groups of rows (``split_groups``: copies of one text, or the texts contained in
+    one longer text): a held-out group contributes one text, its longest, and leaves training whole.
     """
     from sklearn.model_selection import train_test_split
 
@@ -462,9 +461,8 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
     if not missing:
         return splits
     train = splits["train"]
-    texts = [r["text"] for r in train]
-    groups = (containment_groups(texts) if cfg.split_groups == "contained_text"
-              else duplicate_groups(texts) if cfg.split_groups == "duplicate_text" else list(range(len(train))))
+    grouping, what, _ = _SPLIT_GROUPS[cfg.split_groups]
+    groups = grouping([r["text"] for r in train])
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -474,8 +472,6 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
     labels = [train[u]["label"] for u in units]
     counts = Counter(labels)
     n_held = math.ceil(len(units) * held_share)
-    what = "rows" if cfg.split_groups == "none" else "distinct texts" if cfg.split_groups == "duplicate_text" \
-        else "groups of contained texts"
     # Stratify only when every class can appear in each part; a tiny class falls back to a plain split.
     stratify = labels if min(counts.values()) >= 2 * (len(missing) + 1) and n_held >= len(counts) else None
     need = len(missing) * (len(counts) if stratify else 1)
@@ -542,6 +538,14 @@ def containment_groups(texts: list[str]) -> list[int]:
         else:
             group[i] = root
     return group
+
+
+# split_groups -> (grouping of the training texts, what a unit is, how the split is named in the report)
+_SPLIT_GROUPS = {
+    "none": (lambda texts: list(range(len(texts))), "rows", "stratified"),
+    "duplicate_text": (duplicate_groups, "distinct texts", "duplicates together, stratified"),
+    "contained_text": (containment_groups, "groups of contained texts", "grouped by containing text, stratified"),
+}
 
 
 def load_split(ref: CorpusRef | LabeledRef, split: str) -> list[dict[str, Any]]:
