@@ -92,10 +92,13 @@ def exit_on_sigterm() -> None:
     (the torchrun group is killed), Prefect records the run as crashed, and exit handlers stop the
     temporary local API instead of leaving it running without a parent."""
 
+    from tasks import interrupts
+
     def handler(signum: int, frame) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+    interrupts.install()  # ...but never in the middle of an MLflow write
 
 
 def cmd_run(cfg: PipelineConfig) -> int:

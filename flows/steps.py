@@ -23,7 +23,7 @@ from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run, task_run
 
-from tasks import evaluate, faults, finetune, ingest, pretrain, register, tokenize
+from tasks import evaluate, faults, finetune, ingest, interrupts, pretrain, register, tokenize
 from tasks.artifacts import (
     ArtifactRef,
     CheckpointRef,
@@ -41,7 +41,10 @@ from tasks.training import set_threads
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """Retry I/O and connection failures; a configuration or data error fails at once."""
+    """Retry I/O and connection failures; a configuration or data error fails at once, and nothing is retried
+    once the process has been told to stop (SIGTERM, Ctrl-C)."""
+    if interrupts.terminating():
+        return False
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, LlmpipeError | TypeError | KeyError | AttributeError)
 
@@ -307,7 +310,7 @@ def mlflow_parent_run(cfg: PipelineConfig) -> Iterator[str]:
         yield run_id
     except BaseException:
         if owner:
-            register.end_run(run_id, failed=True)
+            register.mark_failed(run_id)
         raise
     if owner:
         register.end_run(run_id)
@@ -321,6 +324,7 @@ def tracked_flow(fn: Callable) -> Callable:
         cfg = next((v for v in (*args, *kwargs.values()) if isinstance(v, PipelineConfig)), None)
         if cfg is None:
             cfg = PipelineConfig()  # the flow's own default
+        interrupts.install()  # SIGTERM/Ctrl-C (from the CLI, a worker or Prefect) waits out MLflow writes
         with mlflow_parent_run(cfg):
             return fn(*args, **kwargs)
 

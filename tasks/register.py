@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks import interrupts
 from tasks.artifacts import (
     MANIFEST,
     ArtifactRef,
@@ -83,10 +84,42 @@ class ModelVersionRef(BaseModel):
 # ---------------------------------------------------------------------------------------------- basics
 
 
+def _store_in_process() -> bool:
+    """Whether tracking writes run in this process (a SQLite or other database URI, a file store), where a
+    signal landing mid-write can leave the store locked; a tracking server is not affected."""
+    import mlflow
+
+    return not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
+
+
+class _ShieldedClient:
+    """An ``MlflowClient`` whose calls finish before a SIGTERM or Ctrl-C takes effect (``tasks.interrupts``)."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with interrupts.shielded():
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def _shielded() -> contextlib.AbstractContextManager:
+    return interrupts.shielded() if _store_in_process() else contextlib.nullcontext()
+
+
 def _client():
     from mlflow import MlflowClient
 
-    return MlflowClient()
+    client = MlflowClient()
+    return _ShieldedClient(client) if _store_in_process() else client
 
 
 def tracking_uri() -> str:
@@ -172,15 +205,16 @@ def ensure_experiment(name: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    exp = mlflow.get_experiment_by_name(name)
+    client = _client()
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     root = local_artifact_root(mlflow.get_tracking_uri())
     location = root.as_uri() if root else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # another run created it between our lookup and create
-        exp = mlflow.get_experiment_by_name(name)
+        exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -242,6 +276,15 @@ def end_run(run_id: str, failed: bool = False) -> None:
     _client().set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
+def mark_failed(run_id: str) -> None:
+    """Mark a run FAILED while an exception unwinds: a failure to do so is logged, never raised, so that it
+    cannot replace the exception (a termination signal would otherwise turn into a retryable error)."""
+    try:
+        end_run(run_id, failed=True)
+    except Exception as exc:
+        log.warning("could not mark MLflow run %s FAILED: %s", run_id, redact(str(exc)).splitlines()[0][:300])
+
+
 @contextlib.contextmanager
 def stage_run(cfg: PipelineConfig, lineage: dict[str, str], stage: str) -> Iterator[tuple[str, str]]:
     """A child run of the flow's parent run for one stage: ``(experiment_id, run_id)``; FAILED if the body raises.
@@ -259,7 +302,7 @@ def stage_run(cfg: PipelineConfig, lineage: dict[str, str], stage: str) -> Itera
     try:
         yield experiment_id, run_id
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        mark_failed(run_id)
         raise
     client.set_terminated(run_id, "FINISHED")
 
@@ -330,8 +373,11 @@ def system_metrics(run_id: str, enabled: bool = True) -> Iterator[None]:
     monitor.start()
     try:
         yield
-    finally:
-        monitor.finish()
+    except BaseException:
+        with contextlib.suppress(Exception):  # never replace the exception that is unwinding
+            monitor.finish()
+        raise
+    monitor.finish()
 
 
 def log_stage(run_id: str, ref: Any, params: dict[str, Any], inputs: list[ArtifactRef],
@@ -456,10 +502,12 @@ def _log_transformers(run_id: str, path: Path, name: str, task: str, model_confi
     auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForCausalLM
     with _MODEL_WORK:
         components = {"model": auto.from_pretrained(str(path)), "tokenizer": AutoTokenizer.from_pretrained(str(path))}
-        return mlflow.transformers.log_model(
-            transformers_model=components, name=name, task=task, run_id=run_id, pip_requirements=_pip_requirements(),
-            signature=_signature(outputs), input_example=input_example, model_config=model_config,
-        )
+        with _shielded():
+            return mlflow.transformers.log_model(
+                transformers_model=components, name=name, task=task, run_id=run_id,
+                pip_requirements=_pip_requirements(), signature=_signature(outputs), input_example=input_example,
+                model_config=model_config,
+            )
 
 
 def _standalone_run(cfg: PipelineConfig, lineage: dict[str, str], name: str) -> tuple[str, str]:
