@@ -19,6 +19,11 @@ import pytest  # noqa: E402
 
 from tasks.config import PipelineConfig, load_config  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests share the cores with another worker: one torch thread each
+    from tasks.training import set_threads  # noqa: E402
+
+    set_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLMPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
