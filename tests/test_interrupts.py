@@ -74,6 +74,8 @@ def test_sigterm_inside_mlflow_sqlite_writes_leaves_the_store_usable(tmp_path: P
 
 DEFER = textwrap.dedent("""
     import json, os, signal
+    from prefect.states import Failed
+    from flows.steps import retry_transient
     from tasks import interrupts
 
     class Stop(Exception):
@@ -85,7 +87,8 @@ DEFER = textwrap.dedent("""
     signal.signal(signal.SIGUSR1, raise_stop)
     interrupts.install((signal.SIGUSR1,))
     interrupts.install((signal.SIGUSR1,))  # idempotent: wrapped once
-    out = {"wrapped_once": signal.getsignal(signal.SIGUSR1).llmpipe_wraps is raise_stop}
+    out = {"wrapped_once": signal.getsignal(signal.SIGUSR1).llmpipe_wraps is raise_stop,
+           "retry_before": retry_transient(None, None, Failed(data=OSError("disk full")))}
     steps = []
     try:
         with interrupts.shielded():
@@ -98,6 +101,7 @@ DEFER = textwrap.dedent("""
         steps.append("stopped at the end of the outer block")
     out["steps"] = steps
     out["terminating"] = interrupts.terminating()
+    out["retry_after"] = retry_transient(None, None, Failed(data=OSError("disk full")))
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
         for _ in range(10 ** 6):
@@ -112,4 +116,6 @@ DEFER = textwrap.dedent("""
 def test_a_signal_inside_shielded_blocks_takes_effect_when_the_outermost_ends(tmp_path: Path) -> None:
     out = _run(tmp_path, DEFER)
     assert out == {"wrapped_once": True, "steps": ["inner", "after inner", "stopped at the end of the outer block"],
-                   "terminating": True, "unshielded": "raised at once"}
+                   "terminating": True, "unshielded": "raised at once",
+                   # an I/O error is retried, until the process has been told to stop
+                   "retry_before": True, "retry_after": False}
