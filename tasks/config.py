@@ -375,6 +375,10 @@ class FinetuneConfig(TrainConfig):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="'balanced': weight each class's loss by n / (classes x count), for imbalanced sets.",
     )
+    lm_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of an auxiliary next-token loss on the training texts, added to the "
+        "classification loss (GPT-1's fine-tuning objective); 0 turns it off. Causal LMs only.",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validation passes without a better macro-F1 (null: never).",
     )

@@ -134,12 +134,30 @@ def class_weights(labels: list[int], n_classes: int) -> list[float]:
 
 
 def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the model's logits, optionally class-weighted."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        weight: torch.Tensor | None = None, lm_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the model's logits, optionally class-weighted, plus ``lm_weight`` x the next-token loss
+    of the input texts while training (``finetune.lm_loss_weight``)."""
+    aux = lm_weight > 0 and model.training
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux)
     if weight is not None:
-        weight = weight.to(logits.device)
-    return F.cross_entropy(logits.float(), batch["labels"], weight=weight)
+        weight = weight.to(out.logits.device)
+    loss = F.cross_entropy(out.logits.float(), batch["labels"], weight=weight)
+    if aux:
+        loss = loss + lm_weight * next_token_loss(model, out.hidden_states[-1], batch)
+    return loss
+
+
+def next_token_loss(model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy of the (right-padded) input texts from a causal classifier's last hidden states,
+    through the input embeddings as the output layer (the LM's head is tied to them)."""
+    logits = hidden[:, :-1] @ model.get_input_embeddings().weight.T
+    targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def is_causal(config: Any) -> bool:
+    """Whether a checkpoint is a decoder-only LM (GPT-2, Llama, ...), by the architectures it was saved with."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
 
 
 @torch.no_grad()
@@ -328,6 +346,9 @@ def finetune(
             if cfg.init_from:
                 raise ConfigError(f"finetune.init_from={cfg.init_from}: cannot load it ({exc})") from None
             raise DataError(f"{source}: cannot load the pretrained LM ({exc})") from None
+        if cfg.lm_loss_weight and not is_causal(model.config):
+            raise ConfigError(f"finetune.lm_loss_weight={cfg.lm_loss_weight}: {source} is not a causal LM "
+                              f"(architectures {model.config.architectures}); the next-token loss needs one")
         n_params = sum(p.numel() for p in model.parameters())
         if cfg.method == "lora":
             model = apply_lora(model, cfg)
@@ -359,7 +380,8 @@ def finetune(
             return patience is not None and patience_exhausted(evals, patience)
 
         weight = torch.tensor(weights, dtype=torch.float32) if weights else None
-        result = train(model, batches, cfg, work_dir, loss_fn=functools.partial(classification_loss, weight=weight),
+        result = train(model, batches, cfg, work_dir, loss_fn=functools.partial(classification_loss, weight=weight,
+                                                                     lm_weight=cfg.lm_loss_weight),
                        evaluate=evaluate, should_stop=should_stop, tokens_in=lambda b: int(b["attention_mask"].sum()),
                        on_progress=on_progress, name="finetune")
         kept = _kept_eval(result.evals, best.restore(model) if cfg.restore_best else None)

@@ -177,6 +177,47 @@ def test_balanced_class_weights_match_sklearn_and_weight_the_loss() -> None:
         assert float(finetune.classification_loss(model, batch)) == pytest.approx(float(per_row.mean()), rel=1e-6)
 
 
+def test_the_auxiliary_next_token_loss_is_the_lms_own_loss(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, pad_token_id=0))
+    lm.save_pretrained(str(tmp_path / "lm"))
+    clf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "lm"), num_labels=2, pad_token_id=0)
+    assert finetune.is_causal(clf.config)
+    lm.eval(), clf.eval()  # no dropout: both see the same activations
+    batch = finetune.pad_batch([[3, 4, 5, 6], [7, 8], [9, 10, 11]], pad_id=0)
+    batch["labels"] = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        out = clf(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        ours = finetune.next_token_loss(clf, out.hidden_states[-1], batch)
+        theirs = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+        # Added while training only, with its weight; evaluation scores the classification loss alone.
+        plain = float(finetune.classification_loss(clf, batch))
+        assert float(finetune.classification_loss(clf, batch, lm_weight=0.5)) == pytest.approx(plain, rel=1e-6)
+        clf.train()
+        torch.manual_seed(1)
+        train_plain = float(finetune.classification_loss(clf, batch))
+        torch.manual_seed(1)
+        out = clf(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        torch.manual_seed(1)
+        combined = float(finetune.classification_loss(clf, batch, lm_weight=0.5))
+        assert combined == pytest.approx(train_plain + 0.5 * float(finetune.next_token_loss(clf, out.hidden_states[-1],
+                                                                                             batch)), rel=1e-5)
+
+
+def test_finetune_adds_the_next_token_loss_to_what_it_trains_on(setup: Setup) -> None:
+    plain = finetune.finetune(setup.lm, setup.labeled, _ft(setup, max_steps=6), setup.ws, 0)
+    aux = finetune.finetune(setup.lm, setup.labeled, _ft(setup, max_steps=6, lm_loss_weight=1.0), setup.ws, 0)
+    assert aux.fingerprint != plain.fingerprint
+    # The logged training loss is classification + next-token loss: far above the classification loss alone
+    # (two labels start near ln 2; the tiny LM's next-token loss over its 400 tokens is about 5).
+    first = [json.loads((c.dir / "training.json").read_text())["history"][0]["loss"] for c in (plain, aux)]
+    assert first[0] < 1.0 and first[1] - first[0] > 3.0
+
+
 def test_class_weights_reach_training_on_an_imbalanced_set(setup: Setup, tmp_path: Path) -> None:
     labeled_cfg = write_labeled_csvs(tmp_path / "data", {"train": {"fine": 48, "broken": 8, "lost": 4},
                                                          "validation": {"fine": 6, "broken": 2, "lost": 2},
@@ -245,6 +286,8 @@ def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_
                                                   validation_path=str(paths["validation"]),
                                                   test_path=str(paths["test"])), setup.ws, 0)
     bert = build_tiny_bert(tmp_path / "bert", _texts(labeled, "train"))
+    with pytest.raises(ConfigError, match=r"finetune\.lm_loss_weight=0\.2: .* is not a causal LM"):
+        finetune.finetune(None, labeled, _ft(setup, init_from=str(bert), lm_loss_weight=0.2), setup.ws, 0)
     cfg = _ft(setup, init_from=str(bert), max_steps=200, lr=3e-3, warmup_steps=10, eval_every=50)
     clf = finetune.finetune(None, labeled, cfg, setup.ws, 0)
     assert clf.meta["model_type"] == "bert" and clf.meta["base"] == str(bert)
