@@ -282,7 +282,7 @@ def mark_failed(run_id: str) -> None:
     try:
         end_run(run_id, failed=True)
     except Exception as exc:
-        log.warning("could not mark MLflow run %s FAILED: %s", run_id, redact(str(exc)).splitlines()[0][:300])
+        log.warning("could not mark MLflow run %s FAILED: %s: %s", run_id, type(exc).__name__, redact(str(exc))[:300])
 
 
 @contextlib.contextmanager
