@@ -6,6 +6,10 @@ Must run before ``prefect`` or ``mlflow`` is imported; anything already set in t
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -69,5 +73,73 @@ def prepare_backends(workspace: str | Path) -> None:
                 from prefect.client.orchestration import get_client
 
                 get_client(sync_client=True)  # starts the temporary local API for this process
+                guard_temporary_api()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def guard_temporary_api() -> None:
+    """Stop Prefect's temporary local API when this process dies without stopping it.
+
+    Prefect stops the server at exit, but a process killed outright (``kill -9``, the kernel's OOM
+    killer) runs no exit code, and the server would go on serving, orphaned, holding its memory and
+    port night after night. A small watcher process outlives this one to take the server down.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer().server_process
+    if server is None or server.poll() is not None:
+        return
+    subprocess.Popen([sys.executable, "-m", "flows.runtime", "guard", str(os.getpid()), str(server.pid),
+                      _start_time(server.pid) or "-"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux); None where there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started, in clock ticks since boot, to tell it from a later process reusing the number."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (None: not known) and not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or the number now belongs to another user's process
+        return False
+    fields = _stat(pid)
+    if fields is None:
+        return started is None  # no /proc (not Linux): the signal check is all there is
+    return fields[0] != "Z" and (started is None or fields[19] == started)
+
+
+def _guard(parent: int, server: int, started: str | None, poll_s: float = 1.0) -> None:
+    """Wait for ``parent`` to die, then stop ``server`` if it is still running (SIGTERM, then SIGKILL)."""
+    # Signals meant for the run (Ctrl-C, a scheduler's SIGTERM to the group) must not end the watch early.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while os.getppid() == parent:  # re-parented once the parent is gone
+        time.sleep(poll_s)
+    for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if not _alive(server, started):
+            return
+        try:
+            os.kill(server, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while _alive(server, started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
+    _parent, _server, _started = sys.argv[2:5]
+    _guard(int(_parent), int(_server), None if _started == "-" else _started)

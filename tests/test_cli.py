@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -98,3 +99,21 @@ def test_unknown_preset_exits_2_and_lists_presets(cli) -> None:
     assert rc == 2
     assert "'nope'" in err and "quickstart" in err
     _cwd_is_untouched()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times come from /proc (Linux)")
+def test_temporary_api_guard_stops_the_server_it_was_given_and_nothing_else() -> None:
+    # `python -m flows.runtime guard PARENT SERVER START`: a PARENT that is not our parent counts as dead.
+    from flows.runtime import _start_time
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        guard = [sys.executable, "-m", "flows.runtime", "guard", "0", str(victim.pid)]
+        # A later process reusing the number (another start time) is left alone.
+        subprocess.run([*guard, "1"], check=True, timeout=60)
+        assert victim.poll() is None
+        subprocess.run([*guard, _start_time(victim.pid)], check=True, timeout=60)
+        assert victim.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        victim.kill()
+        victim.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,8 +25,9 @@ def _env() -> dict[str, str]:
 
 
 def _llmpipe(cwd: Path, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **kw}
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env or _env(), text=True,
+                            start_new_session=True, **kw)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 900) -> str:
@@ -129,6 +131,27 @@ def _session_processes(sid: int) -> list[str]:
             except OSError:
                 continue
     return found
+
+
+def test_kill_9_of_the_cli_alone_takes_its_temporary_api_down(tmp_path: Path) -> None:
+    # The OOM killer picks the largest process, the CLI; no exit code of its runs, yet the server must go.
+    proc = _llmpipe(tmp_path, "run", "--config", "tiny", "--set", "pretrain.max_steps=1000000",
+                    stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any("flows.runtime guard" in cmd for cmd in _session_processes(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the temporary API never came up guarded"
+            time.sleep(0.5)
+        assert any("uvicorn" in cmd for cmd in _session_processes(proc.pid))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_processes(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_sigterm_crashes_the_run_cleanly_and_leaves_no_server_behind(tmp_path: Path) -> None:
