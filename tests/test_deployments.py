@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from flows import deploy
 from flows.cli import main
 from tasks.config import PipelineConfig
+from tasks.distributed import die_with_parent
 
 DEPLOYMENTS = {"llm_pipeline/nightly", "llm_pipeline/cpu", "pretrain/gpu", "finetune/gpu"}
 
@@ -141,8 +142,10 @@ def _free_port() -> int:
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session; Linux sends it SIGTERM if this test process dies first (even kill -9)."""
     with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
 
 
 def _stop(proc: subprocess.Popen) -> None:

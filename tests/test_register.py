@@ -27,6 +27,7 @@ from flows.cli import main as cli
 from tasks import gate, register
 from tasks.artifacts import CheckpointRef, LabeledRef, ReportRef, Workspace, fingerprint
 from tasks.config import LabeledConfig, PipelineConfig
+from tasks.distributed import die_with_parent
 from tasks.errors import LlmpipeError
 
 # ================================================================ helpers shared with test_serving
@@ -54,10 +55,12 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.
 
 @contextmanager
 def process(cmd: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None):
-    """Start ``cmd`` in its own process group, wait for ``ready_url``, and stop the whole group afterwards."""
+    """Start ``cmd`` in its own process group, wait for ``ready_url``, and stop the whole group afterwards.
+
+    The process is also sent SIGTERM if this test process dies first, even by ``kill -9``."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                preexec_fn=die_with_parent, env={**os.environ, **(env or {})})
     try:
         wait_http(ready_url, proc, log)
         yield proc

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tasks.distributed import die_with_parent
+
 pytestmark = pytest.mark.slow
 
 LONG_PRETRAIN = ["--config", "tiny", "--set", "pretrain.max_steps=1000", "--set", "pretrain.checkpoint_every=100",
@@ -27,7 +29,7 @@ def _env() -> dict[str, str]:
 def _llmpipe(cwd: Path, *args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **kw}
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env or _env(), text=True,
-                            start_new_session=True, **kw)
+                            start_new_session=True, preexec_fn=die_with_parent, **kw)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 900) -> str:
