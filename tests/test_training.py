@@ -281,7 +281,7 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
     assert compiled.meta["val_loss"] == pytest.approx(eager.meta["val_loss"], abs=2e-3)
 
 
-def test_compile_without_a_cpu_compiler_fails_before_training(tmp_path: Path, monkeypatch) -> None:
+def test_compile_without_a_cpu_compiler_fails_before_training(tmp_path: Path) -> None:
     import numpy as np
     import torch._inductor.config as inductor_config
 
@@ -289,11 +289,12 @@ def test_compile_without_a_cpu_compiler_fails_before_training(tmp_path: Path, mo
     from tasks.pretrain import BlockBatches, lm_loss
     from tasks.training import train
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
     cfg, *_ = _prepare(tmp_path / "ws", "pretrain.compile=true", "pretrain.device=cpu")
     model = build_lm(cfg.model, 64, 0, 1)
     source = BlockBatches(np.arange(2000) % 64, 16, 4, 0)
-    with pytest.raises(ConfigError, match=r"pretrain\.compile=true on CPU needs a C\+\+ compiler"):
+    # inductor's own patch() restores its config exactly; monkeypatch.setattr on the config proxy does not.
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}), \
+            pytest.raises(ConfigError, match=r"pretrain\.compile=true on CPU needs a C\+\+ compiler"):
         train(model, source, cfg.pretrain, tmp_path / "work", loss_fn=lm_loss, name="pretrain")
     assert not list((tmp_path / "work").glob("step-*"))
 
