@@ -24,6 +24,7 @@ from tasks import sample_data
 from tasks.artifacts import CorpusRef, LabeledRef, Workspace, file_sha256, fingerprint, write_json
 from tasks.config import CorpusConfig, LabeledConfig
 from tasks.errors import ConfigError, DataError
+from tasks.redact import excerpt
 from tasks.sources import (
     Utf8Policy,
     file_format,
@@ -33,6 +34,8 @@ from tasks.sources import (
     hub_rows,
     is_missing,
     join_text,
+    library_message,
+    names_excerpt,
     open_corpus_source,
     table_rows,
 )
@@ -300,11 +303,12 @@ class _LabeledReader:
             label = _label_text(raw)
             if self.names:
                 if label not in self.names:
-                    raise DataError(f"{origin}: {where}: unknown label {label!r} in column {cfg.label_column!r}; "
-                                    f"expected one of {', '.join(self.names)} (labeled.label_names)")
+                    raise DataError(f"{origin}: {where}: unknown label {excerpt(label)} in column "
+                                    f"{cfg.label_column!r}; expected one of {names_excerpt(self.names)} "
+                                    "(labeled.label_names)")
                 label = self.names[label]
             if cfg.labels and label not in cfg.labels:
-                raise DataError(f"{origin}: {where}: unknown label {label!r}; labeled.labels is {cfg.labels}")
+                raise DataError(f"{origin}: {where}: unknown label {excerpt(label)}; labeled.labels is {cfg.labels}")
             text = join_text(row, cfg.text_columns).strip()
             if not text:
                 self.empty[split] += 1
@@ -349,12 +353,12 @@ def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] |
         label = f"dataset {cfg.hub_name!r}"
         if "train" not in chosen:
             raise DataError(f"{label}: no split {cfg.hub_train_split!r} for training (labeled.hub_train_split); "
-                            f"splits present: {', '.join(available)}")
+                            f"splits present: {names_excerpt(available)}")
         for split, ds in chosen.items():
             if any(c not in ds.column_names for c in need):
                 missing = next(c for c in need if c not in ds.column_names)
                 raise DataError(f"{label} split {names[split]!r}: no column {missing!r}; "
-                                f"columns present: {', '.join(ds.column_names)}")
+                                f"columns present: {names_excerpt(ds.column_names)}")
         return [(s, names[s], ds._fingerprint) for s, ds in chosen.items()], chosen
     frames = dict(frames or {})
     if "train" not in frames:
@@ -367,7 +371,8 @@ def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] |
         present = [str(c) for c in df.columns]
         for column in need:
             if column not in present:
-                raise DataError(f"DataFrame {split!r}: no column {column!r}; columns present: {', '.join(present)}")
+                raise DataError(f"DataFrame {split!r}: no column {column!r}; columns present: "
+                                f"{names_excerpt(present)}")
     return [(s, frame_fingerprint(df, need)) for s, df in frames.items()], frames
 
 
@@ -421,14 +426,15 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
             origin.setdefault(split, f"split off {origin.get('train', 'train')} ({how})")
         labels = list(cfg.labels) or sorted({r["label"] for r in splits["train"]}, key=_label_sort_key)
         if len(labels) < 2:
-            raise DataError(f"{origin.get('train', 'train split')}: only one class ({labels[0]!r}) in the training "
-                            "labels; a classifier needs at least two")
+            raise DataError(f"{origin.get('train', 'train split')}: only one class ({excerpt(labels[0])}) in the "
+                            "training labels; a classifier needs at least two")
         label2id = {lab: i for i, lab in enumerate(labels)}
         for name in ("validation", "test"):
             for r in splits[name]:
                 if r["label"] not in label2id:
                     where = f"{origin[name]}: {r.get('_where', 'a row')}"
-                    raise DataError(f"{where}: label {r['label']!r} does not occur in training labels {labels}")
+                    raise DataError(f"{where}: label {excerpt(r['label'])} does not occur in training labels "
+                                    f"[{names_excerpt(labels, quote=True)}]")
         balance = {}
         for name, rows in splits.items():
             counts = Counter(r["label"] for r in rows)
@@ -492,7 +498,7 @@ def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: in
             validation, test = train_test_split(held, test_size=share, random_state=seed, stratify=strat2)
             parts = {"validation": validation, "test": test}
     except ValueError as exc:  # sklearn's own checks, for what the sizes above do not foresee
-        raise DataError(f"{origin}: cannot split off {' and '.join(missing)}: {exc}") from None
+        raise DataError(f"{origin}: cannot split off {' and '.join(missing)}: {library_message(exc)}") from None
     for name, part in parts.items():
         splits[name] = [train[u] for u in part]
     splits["train"] = [train[i] for u in rest for i in members[u]]

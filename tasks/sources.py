@@ -6,6 +6,11 @@ problem is a ``DataError`` that names the file (or dataset, or DataFrame), and t
 offset where it is. Rows are numbered as a person finds them: text, JSONL, CSV and TSV files by line
 number in the file; JSON arrays by item, Parquet files and datasets by 0-based row; DataFrames by
 index label.
+
+Tables are strict: every CSV/TSV record has the header's number of fields (the first record's without a
+header), a quoted CSV field must close, and every JSONL row and JSON item has the needed keys. Whoever
+starts a run may not be whoever may read the data, so messages never quote the data: a value, a column
+name or a library's error text appears only as ``excerpt``'s short, redacted excerpt.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from tasks import sample_data
 from tasks.artifacts import file_sha256
 from tasks.errors import ConfigError, DataError
+from tasks.redact import LIBRARY_MESSAGE_CHARS, excerpt
 
 BOM = b"\xef\xbb\xbf"
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
@@ -106,8 +112,20 @@ def file_format(path: Path, declared: str = "auto", default: str = "txt") -> str
     return default
 
 
+def names_excerpt(names: Any, most: int = 20, quote: bool = False) -> str:
+    """Column, split or label names from the data for a message: each a redacted excerpt, the first ``most``."""
+    names = list(names)
+    shown = ", ".join(excerpt(n, quote=quote) for n in names[:most])
+    return (shown + (f" and {len(names) - most} more" if len(names) > most else "")) or "none"
+
+
+def library_message(exc: BaseException | str) -> str:
+    """A library's exception text (csv, json, pyarrow, datasets) for a message: one line, redacted, cut short."""
+    return excerpt(exc, LIBRARY_MESSAGE_CHARS, quote=False) or type(exc).__name__
+
+
 def missing_column(name: str, column: str, present: list[str]) -> DataError:
-    return DataError(f"{name}: no column {column!r}; columns present: {', '.join(map(str, present)) or 'none'}")
+    return DataError(f"{name}: no column {excerpt(column)}; columns present: {names_excerpt(present)}")
 
 
 def _require(name: str, need: list[str], present: list[str]) -> None:
@@ -119,13 +137,15 @@ def _require(name: str, need: list[str], present: list[str]) -> None:
 def _csv_records(path: Path, fmt: str, utf8: Utf8Policy) -> Iterator[tuple[int, list[str]]]:
     """``(first line number, fields)`` per record; blank lines are skipped, quoted CSV fields may span lines.
 
-    TSV fields are taken verbatim (no quoting), as in GLUE's and UCI's tab-separated sets.
+    TSV fields are taken verbatim (no quoting), as in GLUE's and UCI's tab-separated sets. CSV is read with
+    ``strict=True``: a quoted field that never closes (it would swallow the rest of the file) or text after a
+    closing quote is an error naming the line where the record starts.
     """
     lines = (line for _, line in read_lines(path, utf8))
     if fmt == "tsv":
-        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
     else:
-        reader = csv.reader(lines, delimiter=",")
+        reader = csv.reader(lines, delimiter=",", strict=True)
     start = 1
     while True:
         try:
@@ -133,10 +153,21 @@ def _csv_records(path: Path, fmt: str, utf8: Utf8Policy) -> Iterator[tuple[int, 
         except StopIteration:
             return
         except csv.Error as exc:
-            raise DataError(f"{path}: row {start}: not valid {fmt.upper()} ({exc})") from None
+            raise _csv_error(path, fmt, start, reader.line_num, exc) from None
         if record:
             yield start, record
         start = reader.line_num + 1
+
+
+def _csv_error(path: Path, fmt: str, start: int, at: int, exc: csv.Error) -> DataError:
+    reason = str(exc)
+    if "unexpected end of data" in reason:  # strict mode's word for a quoted field still open at the end of file
+        return DataError(f"{path}: line {start}: a quoted field in the record that starts here is never closed "
+                         f"(unbalanced '\"'; it runs to the end of the file at line {at})")
+    if "expected after" in reason:  # "',' expected after '\"'": text after what closed a quoted field
+        return DataError(f"{path}: line {start}: not valid {fmt.upper()}: {library_message(exc)} at line {at} "
+                         "(an unbalanced '\"' in the record that starts here?)")
+    return DataError(f"{path}: line {start}: not valid {fmt.upper()} ({library_message(exc)})")
 
 
 def _csv_rows(path: Path, fmt: str, has_header: bool, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
@@ -146,12 +177,27 @@ def _csv_rows(path: Path, fmt: str, has_header: bool, need: list[str], utf8: Utf
         raise DataError(f"{path}: empty file")
     if has_header:
         columns = first[1]
+        like = f"as in the header (line {first[0]})"
     else:
         columns = [str(i) for i in range(len(first[1]))]
         records = _chain_first(first, records)
+        like = f"as in the first row (line {first[0]})"
     _require(str(path), need, columns)
+    width = len(columns)
     for line, record in records:
-        yield f"row {line}", dict(zip(columns, record, strict=False))
+        if len(record) != width:
+            if len(record) == 1 and not record[0].strip():
+                continue  # a line of spaces is a blank line
+            raise _ragged(path, fmt, line, width, len(record), like)
+        yield f"row {line}", dict(zip(columns, record, strict=False))  # lengths checked above
+
+
+def _ragged(path: Path, fmt: str, line: int, width: int, got: int, like: str) -> DataError:
+    if fmt == "tsv":
+        hint = "a tab inside a field, or a missing one?"
+    else:
+        hint = "a comma in a field that is not quoted, or an unbalanced '\"'?"
+    return DataError(f"{path}: line {line}: {got} field{'s' * (got != 1)}, expected {width} {like} ({hint})")
 
 
 def _chain_first(first: Any, rest: Iterator) -> Iterator:
@@ -160,34 +206,40 @@ def _chain_first(first: Any, rest: Iterator) -> Iterator:
 
 
 def _jsonl_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
-    checked = False
+    needed = frozenset(need)
     for number, line in read_lines(path, utf8):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+            raise DataError(f"{path}: line {number} is not valid JSON ({library_message(exc.msg)}, "
+                            f"column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        if not checked:  # the first row stands for the file: a wrong column name fails at once
-            _require(str(path), need, list(row))
-            checked = True
+        if not needed <= row.keys():  # every row: a key missing in line 90,000 is as wrong as in line 1
+            raise _missing_key(f"{path}: line {number}", need, row)
         yield f"line {number}", row
+
+
+def _missing_key(where: str, need: list[str], row: dict) -> DataError:
+    return missing_column(where, next(c for c in need if c not in row), list(row))
 
 
 def _json_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
     try:
         data = json.loads(read_text(path, utf8))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise DataError(f"{path}: not valid JSON ({library_message(exc.msg)} at line {exc.lineno}, "
+                        f"column {exc.colno})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    needed = frozenset(need)
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise DataError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
-        if i == 0:
-            _require(str(path), need, list(row))
+        if not needed <= row.keys():
+            raise _missing_key(f"{path}: item {i}", need, row)
         yield f"item {i}", row
 
 
@@ -197,7 +249,7 @@ def _parquet_rows(path: Path, need: list[str]) -> Iterator[Row]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own error types for a file that is not Parquet
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({library_message(exc)})") from None
     _require(str(path), need, pf.schema_arrow.names)
     i = 0
     for batch in pf.iter_batches(batch_size=4096, columns=need):
@@ -269,10 +321,11 @@ def hub_dataset_splits(name: str, config: str | None = None, revision: str | Non
             return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         loaded = datasets.load_dataset(name, config, revision=revision, data_files=data_files or None)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as exc:
-        raise DataError(f"{label}: cannot be loaded ({exc})") from None
+        raise DataError(f"{label}: cannot be loaded ({library_message(exc)})") from None
     except ConnectionError as exc:  # retried, unless offline mode makes it permanent
         if datasets.config.HF_HUB_OFFLINE:
-            raise DataError(f"{label}: not in the local cache, and offline mode is on ({exc})") from None
+            raise DataError(f"{label}: not in the local cache, and offline mode is on "
+                            f"({library_message(exc)})") from None
         raise
     return dict(loaded)
 
@@ -349,7 +402,7 @@ def open_corpus_source(index: int, cfg: Any, seed: int, frames: Mapping[str, Any
         splits = hub_dataset_splits(cfg.name, cfg.config, cfg.revision, cfg.data_files)
         label = f"dataset {cfg.name!r}" + (f" ({cfg.config})" if cfg.config else "") + f" split {cfg.split!r}"
         if cfg.split not in splits:
-            raise DataError(f"{field}: {label}: no such split; splits present: {', '.join(splits)}")
+            raise DataError(f"{field}: {label}: no such split; splits present: {names_excerpt(splits)}")
         ds = splits[cfg.split]
         _require(label, cfg.text_columns, list(ds.column_names))
         return CorpusSource(

@@ -376,6 +376,97 @@ def test_labeled_declared_label_set_and_missing_label(tmp_path: Path, ws: Worksp
         ingest.ingest_labeled(cfg, ws)
 
 
+SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
+
+
+def _no_artifacts(ws: Workspace, kind: str) -> bool:
+    folder = ws.root / kind
+    return not folder.exists() or not [p for p in folder.iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("has_header", [False, True])
+def test_labeled_env_file_read_as_csv_keeps_its_secrets_out_of_the_error(tmp_path: Path, ws: Workspace,
+                                                                         has_header: bool) -> None:
+    env = tmp_path / "prod.env"  # no known suffix: sniffed as CSV
+    env.write_text(f"HF_TOKEN={SECRET}\nMLFLOW_TRACKING_URI=http://svc:pa55word@mlflow:5000\n", encoding="utf-8")
+    cfg = LabeledConfig(source="files", train_path=str(env), has_header=has_header, text_column="0",
+                        label_column="0", labels=["negative", "positive"])
+    with pytest.raises(DataError) as info:
+        ingest.ingest_labeled(cfg, ws)
+    msg = str(info.value)
+    assert SECRET not in msg and "pa55word" not in msg and str(env) in msg
+    if has_header:  # the first line is the header: its "column names" are shown redacted
+        assert "no column '0'; columns present: HF_TOKEN=***" in msg
+    else:
+        assert f"{env}: row 1: unknown label 'HF_TOKEN=***'; labeled.labels is" in msg
+    assert _no_artifacts(ws, "labeled")
+
+
+def test_labeled_label_values_in_errors_are_short_excerpts(tmp_path: Path, ws: Workspace) -> None:
+    train = _labeled_frame(10)
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test = _labeled_frame(3, start=50)
+    long_label = "This review text sits in the label column by mistake, and it goes on and on " * 3
+    test["stars"] = test["stars"].astype(object)
+    test.loc[2, "stars"] = long_label
+    test.to_csv(tmp_path / "test.csv", index=False)
+    cfg = LabeledConfig(source="files", train_path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
+                        text_column="review", label_column="stars")
+    with pytest.raises(DataError) as info:
+        ingest.ingest_labeled(cfg, ws)
+    msg = str(info.value)
+    assert f"{tmp_path / 'test.csv'}: row 4: label 'This review text sits in the label colum…' does not occur" in msg
+    assert "by mistake" not in msg and "training labels ['0', '1']" in msg
+    cfg = cfg.model_copy(update={"label_names": ["negative", "positive"]})
+    with pytest.raises(DataError, match=r"row 4: unknown label 'This review.{29}…' in column 'stars'; expected one"):
+        ingest.ingest_labeled(cfg, ws)
+
+
+def test_labeled_csv_row_with_an_unquoted_comma_fails_instead_of_shifting_the_label(tmp_path: Path,
+                                                                                    ws: Workspace) -> None:
+    path = tmp_path / "train.csv"
+    rows = "".join(f"review {i},{('neg', 'pos')[i % 2]}\n" for i in range(20))
+    path.write_text(f"text,label\n{rows}great, really great,pos\n", encoding="utf-8")
+    cfg = LabeledConfig(source="files", train_path=str(path))
+    with pytest.raises(DataError) as info:
+        ingest.ingest_labeled(cfg, ws)
+    assert f"{path}: line 22: 3 fields, expected 2 as in the header (line 1)" in str(info.value)
+    assert "really great" not in str(info.value)
+    assert _no_artifacts(ws, "labeled")
+
+
+def test_labeled_jsonl_row_without_the_label_key_names_line_and_key(tmp_path: Path, ws: Workspace) -> None:
+    rows = _labeled_frame(10).to_dict("records")
+    del rows[2]["stars"]
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = LabeledConfig(source="files", train_path=str(path), text_column="review", label_column="stars")
+    with pytest.raises(DataError, match=r"train\.jsonl: line 3: no column 'stars'; columns present: title, review$"):
+        ingest.ingest_labeled(cfg, ws)
+
+
+@pytest.mark.parametrize("name", ["late.csv", "late.tsv", "late.jsonl", "late.json"])
+def test_corpus_table_error_after_the_first_row_names_it_and_leaves_nothing(tmp_path: Path, ws: Workspace,
+                                                                            name: str) -> None:
+    path = tmp_path / name
+    docs = _docs(30)
+    if name.endswith(".jsonl"):
+        _write_jsonl(path, [{"text": d} for d in docs[:25]] + [{"body": docs[25]}] + [{"text": d} for d in docs[26:]])
+        expected = f"{path}: line 26: no column 'text'; columns present: body"
+    elif name.endswith(".json"):
+        path.write_text(json.dumps([{"text": d} for d in docs[:25]] + [{"body": "x"}]), encoding="utf-8")
+        expected = f"{path}: item 25: no column 'text'; columns present: body"
+    else:
+        sep = "\t" if name.endswith(".tsv") else ","
+        lines = [f"text{sep}n"] + [f"{d.replace(',', '')}{sep}{i}" for i, d in enumerate(docs)]
+        lines[27] += f"{sep}extra"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        expected = f"{path}: line 28: 3 fields, expected 2 as in the header (line 1)"
+    with pytest.raises(DataError) as info:
+        ingest.ingest_corpus(_corpus(FilesSource(paths=[str(path)])), ws)
+    assert expected in str(info.value)
+    assert _no_artifacts(ws, "corpora")
+
+
 def test_containment_groups_match_whole_words_and_keep_input_order_on_ties() -> None:
     texts = ["a film of quiet power", "quiet power", "quiet  power ", "film", "a fil", "power and grace",
              "power", "grace under fire"]
