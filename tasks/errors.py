@@ -11,3 +11,8 @@ class ConfigError(LlmpipeError, ValueError):
 
 class DataError(LlmpipeError, ValueError):
     """Input data is missing, malformed or unusable."""
+
+
+class TrainingDiverged(LlmpipeError):
+    """Training produced a non-finite loss or gradient norm more often than ``max_skipped_steps`` allows; the
+    same run would diverge again, so it is never retried, and no model is saved."""

@@ -9,6 +9,12 @@ seen and the metric history. Checkpoints are written to ``step-N.tmp-*`` and ren
 directory named ``step-N`` is always complete. Under ``torch.distributed`` the model is wrapped in
 DDP (or sharded with FSDP's ``fully_shard``), each rank draws its share of every global batch, and
 only rank 0 writes (under FSDP after every rank has helped gather the full state).
+
+Every step's loss and gradient norm must be finite: a step where either is NaN or inf changes no
+weight and is tried again on the next batch, at most ``max_skipped_steps`` times in a run; the next
+one stops training with ``TrainingDiverged``, so a diverged run never saves a model. Running out of
+memory is handled by the stages around the engine (``train_halving_on_oom``): half the micro-batch,
+twice the accumulation, the same global batch, resumed from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from tasks import faults
 from tasks.config import TrainConfig
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, TrainingDiverged
 from tasks.kernels import fast_modules
 
 log = logging.getLogger("llmpipe")
@@ -179,6 +185,7 @@ class TrainResult:
     train_seconds: float = 0.0
     stop_reason: str = "max_steps"
     peak_flops: float | None = None
+    skipped_steps: int = 0  # steps skipped because their loss or gradient norm was not finite
     full_weights: dict[str, torch.Tensor] | None = None  # FSDP: the gathered final weights (rank 0)
 
 
@@ -405,6 +412,7 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
         state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, source)
         result.steps, result.tokens_seen = state["step"], state["tokens_seen"]
         result.history, result.evals = state["history"], state["evals"]
+        result.skipped_steps = int(state.get("skipped_steps", 0))
         result.resumed_from = result.steps
         early_stop = bool(state.get("early_stop"))
         if rank == 0:
@@ -435,7 +443,9 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
         if stop:
             result.stop_reason = stop
             break
-        faults.check(name, result.steps + 1)
+        step_no = result.steps + 1
+        faults.check(name, step_no)
+        poison = faults.poison_loss(name, step_no)  # LLMPIPE_FAULT=STAGE:nan@STEP
         step_loss = torch.zeros((), device=device)
         n_tok = 0
         for micro in range(accum):
@@ -443,26 +453,31 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
             autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
             with sync_ctx(micro), autocast:
                 loss = step_loss_fn(batch) / accum
+            if poison and micro == 0:
+                loss = loss * float("nan")
             loss.backward()
             step_loss += loss.detach()
             n_tok += tokens_in(batch)
-        if not cfg.grad_clip:
-            grad_norm = torch.zeros(())
-        else:  # under FSDP the gradients are DTensor shards and this is the norm over all of them
-            grad_norm = torch.nn.utils.clip_grad_norm_(stepper.parameters(), cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
+        grad_norm = _grad_norm(stepper, cfg.grad_clip)
+        # The step's one device sync: loss and gradient norm reach the host together. Averaged over ranks, a
+        # value that is not finite on one rank is not finite on all, so every rank takes the same decision.
+        stats = torch.stack([step_loss.float(), grad_norm.to(device=step_loss.device, dtype=torch.float32)])
+        if world > 1:
+            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
+            n_tok *= world
+        loss_value, norm_value = stats.tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            optimizer.zero_grad(set_to_none=True)
+            _skip_or_stop(cfg, result, name, step_no, loss_value, norm_value, rank)
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if world > 1:
-            torch.distributed.all_reduce(step_loss, op=torch.distributed.ReduceOp.AVG)
-            n_tok *= world
         result.steps += 1
         result.tokens_seen += n_tok
         window_tokens += n_tok
-        window_loss += float(step_loss)
+        window_loss += loss_value
         window_n += 1
         step = result.steps
         last = _stop_reason(cfg, result, time.perf_counter() - t0) is not None
@@ -470,7 +485,7 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
         if step % cfg.log_every == 0 or last:
             elapsed = max(time.perf_counter() - window_start, 1e-9)
             row = {"step": step, "loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / elapsed,
+                   "grad_norm": norm_value, "tokens_per_s": window_tokens / elapsed,
                    "tokens_seen": result.tokens_seen}
             if flops_per_token and result.peak_flops:
                 row["mfu"] = row["tokens_per_s"] * flops_per_token / (result.peak_flops * world)
@@ -502,7 +517,8 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
             if rank == 0:
                 save_checkpoint(work_dir, model, optimizer, scheduler, source,
                                 {"step": step, "tokens_seen": result.tokens_seen, "history": result.history,
-                                 "evals": result.evals, "early_stop": early_stop}, cfg.keep_checkpoints, gathered)
+                                 "evals": result.evals, "early_stop": early_stop,
+                                 "skipped_steps": result.skipped_steps}, cfg.keep_checkpoints, gathered)
             if world > 1:
                 torch.distributed.barrier()
     result.train_seconds = time.perf_counter() - t0
@@ -510,6 +526,66 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
         result.full_weights = gather_full_state(model).weights
     model.eval()
     return result
+
+
+def _grad_norm(stepper: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The total L2 norm of the gradients, clipping them to ``grad_clip`` unless it is 0 (measured either way,
+    so the finite check sees it). Under FSDP the gradients are DTensor shards and this is the norm over all."""
+    if grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(stepper.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in stepper.parameters() if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _skip_or_stop(cfg: TrainConfig, result: TrainResult, name: str, step: int, loss: float, grad_norm: float,
+                  rank: int) -> None:
+    """A step whose loss or gradient norm is not finite: count it as skipped while ``max_skipped_steps`` allows,
+    else stop training with ``TrainingDiverged``."""
+    bad = " and ".join(f"the {what} is {value}" for what, value in (("loss", loss), ("gradient norm", grad_norm))
+                       if not math.isfinite(value))
+    if result.skipped_steps >= cfg.max_skipped_steps:
+        raise TrainingDiverged(
+            f"{name}: training diverged at step {step}: {bad}; {result.skipped_steps} step(s) skipped before, and "
+            f"{name}.max_skipped_steps={cfg.max_skipped_steps} allows no more. Lower {name}.lr, lengthen "
+            f"{name}.warmup_steps or clip gradients ({name}.grad_clip), or let a few bad batches be skipped by "
+            f"raising {name}.max_skipped_steps; no model was saved")
+    result.skipped_steps += 1
+    if rank == 0:
+        log.warning("%s: step %d skipped: %s; no weight changed, trying the step again on the next batch "
+                    "(%d of %s.max_skipped_steps=%d skips used)", name, step, bad, result.skipped_steps, name,
+                    cfg.max_skipped_steps)
+
+
+C = TypeVar("C", bound=TrainConfig)
+T = TypeVar("T")
+
+
+def halve_micro_batch(cfg: C) -> C:
+    """Half the micro-batch, twice the accumulation: the same global batch in less memory."""
+    update: dict[str, Any] = {"batch_size": cfg.batch_size // 2, "grad_accum_steps": cfg.accum_steps * 2}
+    if "global_batch_tokens" in type(cfg).model_fields:  # pretraining: it would set the accumulation again
+        update["global_batch_tokens"] = None
+    return cfg.model_copy(update=update)
+
+
+def train_halving_on_oom(cfg: C, attempt: Callable[[C], T], name: str) -> T:
+    """``attempt(cfg)``, and after each out-of-memory error ``attempt`` again with the micro-batch halved and the
+    accumulation doubled (the same global batch): it resumes from the newest checkpoint of the same work dir, as
+    the global batch, not its split, is what names the run. An odd micro-batch cannot be halved: re-raised."""
+    current = cfg
+    while True:
+        try:
+            return attempt(current)
+        except torch.OutOfMemoryError:
+            if current.batch_size % 2:
+                raise
+        # Out of the except block: the failed attempt's frames, and the tensors they held, are freed by now.
+        current = halve_micro_batch(current)
+        log.warning("%s: out of memory; resuming with micro-batch %d x %d accumulation steps (same global batch)",
+                    name, current.batch_size, current.grad_accum_steps)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _check_cpu_compiler(name: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from tasks import evaluate, finetune, ingest, pretrain, tokenize
+from tasks import evaluate, faults, finetune, ingest, pretrain, tokenize
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
 from tasks.config import FinetuneConfig, LabeledConfig, PipelineConfig, load_config
 from tasks.errors import ConfigError, DataError
@@ -105,8 +105,10 @@ def test_length_grouped_batches_cover_each_epoch_pad_little_and_restore() -> Non
     epoch = []
     while a.epoch == 0:
         epoch.append(a.next_indices())
-    assert sorted(np.concatenate(epoch).tolist()) == list(range(203))  # every text once per epoch
-    assert all(len(b) <= 8 for b in epoch)
+    # Every text at least once per epoch, in whole batches: the last one is completed with 5 repeated texts.
+    assert len(epoch) == 26 and all(len(b) == 8 for b in epoch)
+    seen = np.concatenate(epoch)
+    assert set(seen.tolist()) == set(range(203)) and len(seen) - len(set(seen.tolist())) == 5
 
     def padding(batches: list[np.ndarray]) -> int:
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
@@ -124,6 +126,34 @@ def test_length_grouped_batches_cover_each_epoch_pad_little_and_restore() -> Non
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     for _ in range(40):  # across the next epoch boundary too
         assert np.array_equal(a.next_indices(), b.next_indices())
+
+
+def test_length_grouped_steps_are_the_same_whatever_the_micro_batch_split() -> None:
+    lengths = np.random.default_rng(1).integers(1, 60, size=203).tolist()
+
+    def steps(order: finetune.LengthGroupedIndices, accum: int, n: int) -> list[np.ndarray]:
+        return [np.concatenate([order.next_indices() for _ in range(accum)]) for _ in range(n)]
+
+    whole = steps(finetune.LengthGroupedIndices(lengths, 8, seed=3, group=5), 1, 60)  # across two epoch ends
+    for micro, accum in ((4, 2), (2, 4), (1, 8)):
+        split = finetune.LengthGroupedIndices(lengths, micro, seed=3, group=5, accum=accum)
+        assert all(np.array_equal(x, y) for x, y in zip(whole, steps(split, accum, 60), strict=True))
+    # Micro-batches are slices of their step's length-sorted global batch: each pads little on its own.
+    order = finetune.LengthGroupedIndices(lengths, 4, seed=3, group=5, accum=2)
+    first, second = order.next_indices(), order.next_indices()
+    assert min(lengths[i] for i in first) >= max(lengths[i] for i in second)
+
+    # A checkpoint is written at a step boundary: a run that halves its micro-batch resumes the same steps.
+    before = finetune.LengthGroupedIndices(lengths, 8, seed=3, group=5)
+    steps(before, 1, 31)
+    after = finetune.LengthGroupedIndices(lengths, 4, seed=3, group=5, accum=2)
+    after.load_state_dict(json.loads(json.dumps(before.state_dict())))
+    assert all(np.array_equal(x, y) for x, y in zip(steps(before, 1, 10), steps(after, 2, 10), strict=True))
+    # Mid-step, a position that the new micro-batch does not divide cannot be resumed.
+    odd = finetune.LengthGroupedIndices(lengths, 2, seed=3, group=5, accum=4)
+    odd.next_indices()
+    with pytest.raises(ValueError, match="cannot resume 2 texts into a global batch of 8 with micro-batches of 4"):
+        finetune.LengthGroupedIndices(lengths, 4, seed=3, group=5, accum=2).load_state_dict(odd.state_dict())
 
 
 def test_batches_pad_to_their_longest_text() -> None:
@@ -394,6 +424,53 @@ def test_finetune_resumes_exactly_after_a_crash(setup: Setup, tmp_path: Path) ->
         assert torch.equal(expected[name], got[name]), name
 
 
+def test_out_of_memory_halves_the_micro_batch_and_resumes(setup: Setup, tmp_path: Path, monkeypatch, caplog) -> None:
+    from safetensors.torch import load_file
+
+    cfg = _ft(setup, max_steps=12, eval_every=4, checkpoint_every=4, log_every=1)
+    assert (cfg.batch_size, cfg.grad_accum_steps) == (8, 1)
+    reference = finetune.finetune(setup.lm, setup.labeled, cfg, setup.ws, 0)
+    # The micro-batch split is an execution detail: the global batch names the run.
+    split = cfg.model_copy(update={"batch_size": 4, "grad_accum_steps": 2})
+    assert finetune.finetune_fingerprint(setup.lm, setup.labeled, split, 0) == reference.fingerprint
+    assert finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup, max_steps=12, batch_size=4), 0) \
+        != reference.fingerprint
+
+    monkeypatch.setattr(faults, "_fired", set())
+    monkeypatch.setenv("LLMPIPE_FAULT", "finetune:oom@6")
+    with caplog.at_level("WARNING", logger="llmpipe"):
+        survived = finetune.finetune(setup.lm, setup.labeled, cfg, Workspace(tmp_path / "ws"), 0)
+    assert "finetune: out of memory; resuming with micro-batch 4 x 2 accumulation steps" in caplog.text
+    assert survived.fingerprint == reference.fingerprint and survived.meta["resumed_from"] == 4
+    assert (survived.meta["micro_batch"], survived.meta["grad_accum_steps"]) == (4, 2)
+    assert (reference.meta["micro_batch"], reference.meta["grad_accum_steps"]) == (8, 1)
+    assert survived.meta["steps"] == 12 and survived.meta["tokens_seen"] == reference.meta["tokens_seen"]
+    assert survived.meta["kept_step"] == reference.meta["kept_step"]
+    expected, got = load_file(str(reference.dir / "model.safetensors")), load_file(str(survived.dir / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5), name
+
+
+def test_a_diverged_fine_tune_saves_nothing_unless_skipping_is_allowed(setup: Setup, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    from tasks.errors import TrainingDiverged
+
+    ws = Workspace(tmp_path / "ws")
+    cfg = _ft(setup, max_steps=8, eval_every=4, checkpoint_every=4)
+    monkeypatch.setattr(faults, "_fired", set())
+    monkeypatch.setenv("LLMPIPE_FAULT", "finetune:nan@6")
+    with pytest.raises(TrainingDiverged, match=r"finetune: training diverged at step 6: the loss is nan"):
+        finetune.finetune(setup.lm, setup.labeled, cfg, ws, 0)
+    fp = finetune.finetune_fingerprint(setup.lm, setup.labeled, cfg, 0)
+    assert not (ws.root / "checkpoints" / fp).exists()
+    assert not list((ws.root / "checkpoints").glob(f"{fp}.tmp-*"))
+    monkeypatch.setattr(faults, "_fired", set())  # a fresh process, as far as fault rules go
+    monkeypatch.setenv("LLMPIPE_FAULT", "finetune:nan@6,finetune:nan@7")
+    clf = finetune.finetune(setup.lm, setup.labeled, _ft(setup, max_steps=8, max_skipped_steps=2), ws, 0)
+    assert clf.meta["skipped_steps"] == 2 and clf.meta["steps"] == 8
+
+
 # ================================================================ the real-data presets
 
 
@@ -455,3 +532,47 @@ def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Pa
     assert ingest.load_data_report(out["labeled"])["held_out_texts_in_train"] == {"validation": 0, "test": 0}
     assert out["report"]["model"]["per_class"]["spam"]["support"] == 129
     assert out["report"]["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9
+
+
+def _tiny_lm_dir(path: Path) -> Path:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)) \
+        .save_pretrained(str(path))
+    return path
+
+
+def test_only_the_classification_head_may_be_missing_or_mismatched(tmp_path: Path, caplog) -> None:
+    from safetensors.torch import load_file, save_file
+
+    labels = {0: "negative", 1: "positive"}
+    good = _tiny_lm_dir(tmp_path / "good")
+    with caplog.at_level("INFO", logger="llmpipe"):
+        model = finetune.load_classifier(good, labels, pad_id=0, max_length=16)
+    assert model.score.weight.shape == (2, 32)
+    assert "classification head initialised afresh (score.weight)" in caplog.text
+
+    missing = _tiny_lm_dir(tmp_path / "missing")
+    weights = load_file(str(missing / "model.safetensors"))
+    del weights["transformer.h.0.mlp.c_fc.weight"]
+    save_file(weights, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"outside the classification head.*missing transformer\.h\.0\.mlp\.c_fc\."
+                                          r"weight"):
+        finetune.load_classifier(missing, labels, pad_id=0, max_length=16)
+
+    mismatched = _tiny_lm_dir(tmp_path / "mismatched")
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "vocab_size": 80}))
+    with pytest.raises(ConfigError, match=r"mismatched transformer\.wte\.weight \(checkpoint \(64, 32\), model "
+                                          r"\(80, 32\)\)"):
+        finetune.load_classifier(mismatched, labels, pad_id=0, max_length=16)
+
+
+def test_init_from_is_named_by_its_content(tmp_path: Path, setup: Setup) -> None:
+    source = _tiny_lm_dir(tmp_path / "bert-like")
+    cfg = _ft(setup, init_from=str(source))
+    before = finetune.finetune_fingerprint(None, setup.labeled, cfg, 0)
+    assert finetune.finetune_fingerprint(None, setup.labeled, cfg, 0) == before
+    (source / "notes.txt").write_text("a changed folder is another checkpoint\n")
+    assert finetune.finetune_fingerprint(None, setup.labeled, cfg, 0) != before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -15,12 +16,14 @@ import torch
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
+from tasks import faults
 from tasks.artifacts import Workspace
 from tasks.config import load_config
+from tasks.errors import TrainingDiverged
 from tasks.ingest import ingest_corpus
 from tasks.pretrain import build_lm, flops_per_token, load_training_log, pretrain, pretrain_fingerprint
 from tasks.tokenize import tokenize_corpus, train_tokenizer
-from tasks.training import list_checkpoints, lr_lambda, set_threads
+from tasks.training import list_checkpoints, lr_lambda, set_threads, train
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +130,7 @@ def test_out_of_memory_halves_the_micro_batch_and_resumes(tmp_path: Path, monkey
     cfg, ws, tok, tokens = _prepare(tmp_path / "a", *steps)
     reference = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
     cfg_b, ws_b, tok_b, tokens_b = _prepare(tmp_path / "b", *steps)
+    monkeypatch.setattr(faults, "_fired", set())
     monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:oom@6")
     survived = pretrain(tokens_b, tok_b, cfg_b.model, cfg_b.pretrain, ws_b, cfg_b.seed)
     assert survived.meta["resumed_from"] == 4
@@ -134,6 +138,121 @@ def test_out_of_memory_halves_the_micro_batch_and_resumes(tmp_path: Path, monkey
     assert survived.meta["tokens_seen"] == reference.meta["tokens_seen"]
     a, b = _weights(reference), _weights(survived)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_nan_loss_stops_pretraining_with_no_artifact(tmp_path: Path, monkeypatch) -> None:
+    steps = ["pretrain.max_steps=10", "pretrain.checkpoint_every=4", "pretrain.log_every=1"]
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", *steps)
+    monkeypatch.setattr(faults, "_fired", set())  # a fresh process, as far as fault rules go
+    monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:nan@6")
+    with pytest.raises(TrainingDiverged, match=r"^pretrain: training diverged at step 6: the loss is nan and the "
+                       r"gradient norm is nan; 0 step\(s\) skipped before, and pretrain\.max_skipped_steps=0 allows "
+                       r"no more"):
+        pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    # Nothing under the artifact's name: only the resumable checkpoints (none after the NaN) and the lock.
+    fp = pretrain_fingerprint(tokens, tok, cfg.model, cfg.pretrain, cfg.seed)
+    left = sorted(p.name for p in (ws.root / "checkpoints").iterdir() if p.name.startswith(fp))
+    assert set(left) <= {f"{fp}.work", f"{fp}.lock"} and f"{fp}.work" in left
+    assert [p.name for p in list_checkpoints(ws.work_dir("checkpoints", fp))] == ["step-00000004"]
+    assert not ws.is_complete(ws.root / "checkpoints" / fp)
+
+
+def test_max_skipped_steps_skips_a_nan_step_and_reports_it(tmp_path: Path, monkeypatch, caplog) -> None:
+    steps = ["pretrain.max_steps=10", "pretrain.checkpoint_every=4", "pretrain.log_every=1",
+             "pretrain.max_skipped_steps=1"]
+    cfg, ws, tok, tokens = _prepare(tmp_path / "ws", *steps)
+    monkeypatch.setattr(faults, "_fired", set())
+    monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:nan@6")
+    with caplog.at_level("WARNING", logger="llmpipe"):
+        ref = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
+    assert "pretrain: step 6 skipped: the loss is nan and the gradient norm is nan" in caplog.text
+    assert "1 of pretrain.max_skipped_steps=1 skips used" in caplog.text
+    assert ref.meta["skipped_steps"] == 1 and ref.meta["steps"] == 10 and ref.meta["stop_reason"] == "max_steps"
+    # A skipped step is no training step: its tokens are not counted, and step 6 was trained on the next batch.
+    assert ref.meta["tokens_seen"] == 10 * 8 * cfg.pretrain.block_size
+    history = load_training_log(ref)["history"]
+    assert [h["step"] for h in history] == list(range(1, 11))
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
+    assert all(torch.isfinite(w).all() for w in _weights(ref).values())
+
+
+def _poisoned_gradient_loss(bad_calls: set[int]):
+    """The LM loss, plus on the listed calls a term whose value is 0 and whose gradient is NaN (sqrt'(0) x 0)."""
+    from tasks.pretrain import lm_loss
+
+    calls = []
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append(1)
+        loss = lm_loss(model, batch)
+        if len(calls) in bad_calls:
+            loss = loss + torch.sqrt((model.get_input_embeddings().weight * 0).sum())
+        return loss
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_non_finite_gradient_with_a_finite_loss_stops_training(tmp_path: Path, grad_clip: float) -> None:
+    import numpy as np
+
+    from tasks.pretrain import BlockBatches
+
+    cfg, *_ = _prepare(tmp_path / "ws", "pretrain.max_steps=6", "pretrain.log_every=1", "pretrain.warmup_steps=0",
+                       f"pretrain.grad_clip={grad_clip}")
+
+    def run(max_skipped: int, bad_calls: set[int], work: str):
+        torch.manual_seed(0)
+        model = build_lm(cfg.model, 64, 0, 1)
+        source = BlockBatches(np.arange(2000) % 64, 16, 4, 0)
+        run_cfg = cfg.pretrain.model_copy(update={"max_skipped_steps": max_skipped})
+        result = train(model, source, run_cfg, tmp_path / work, loss_fn=_poisoned_gradient_loss(bad_calls),
+                       name="pretrain")
+        return model, result
+
+    with pytest.raises(TrainingDiverged, match=r"at step 3: the gradient norm is nan; 0 step\(s\) skipped") as err:
+        run(0, {3}, "a")
+    assert "the loss is" not in str(err.value)  # the loss itself was finite
+    assert not list_checkpoints(tmp_path / "a")
+    model, result = run(1, {3}, "b")
+    assert (result.steps, result.skipped_steps) == (6, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in result.history)  # measured, clip or not
+    # The limit bounds the skips of a whole run: two bad steps with one allowed stop at the second.
+    with pytest.raises(TrainingDiverged, match=r"at step 3: the gradient norm is nan; 1 step\(s\) skipped before, "
+                       r"and pretrain\.max_skipped_steps=1 allows no more"):
+        run(1, {3, 4}, "c")
+
+
+def test_fault_kinds_raise_what_they_stand_for(monkeypatch) -> None:
+    import errno
+
+    from tasks.errors import ConfigError
+
+    monkeypatch.setattr(faults, "_fired", set())
+    monkeypatch.setenv("LLMPIPE_FAULT", "register:enospc,tokenize,pretrain:oserror@3")
+    with pytest.raises(OSError, match="No space left on device") as full:
+        faults.check("register")
+    assert full.value.errno == errno.ENOSPC
+    faults.check("register")  # each rule fires once per process
+    with pytest.raises(OSError) as io:
+        faults.check("tokenize")  # the default kind: a transient I/O failure
+    assert io.value.errno == errno.EIO
+    faults.check("pretrain")
+    with pytest.raises(OSError, match="at step 3") as io:
+        faults.check("pretrain", 3)
+    assert io.value.errno == errno.EIO
+
+    monkeypatch.setenv("LLMPIPE_FAULT", "finetune:nan@2")
+    faults.check("finetune", 2)  # a nan rule raises nothing: it poisons the step's loss, once
+    assert not faults.poison_loss("finetune", 1) and not faults.poison_loss("pretrain", 2)
+    assert faults.poison_loss("finetune", 2) and not faults.poison_loss("finetune", 2)
+    monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:nan")
+    with pytest.raises(ConfigError, match="needs the training step"):
+        faults.check("pretrain")
+    monkeypatch.setenv("LLMPIPE_FAULT", "pretrain:segfault@3")
+    with pytest.raises(ConfigError, match="unknown fault kind 'segfault'"):
+        faults.check("tokenize")
 
 
 def test_global_batch_tokens_sets_accumulation() -> None:
@@ -186,12 +305,33 @@ def test_model_presets_and_flops() -> None:
 
 
 def test_continue_from_a_checkpoint_directory(tmp_path: Path) -> None:
+    import shutil
+
+    from tasks.config import ConfigError
+
     cfg, ws, tok, tokens = _prepare(tmp_path / "ws")
     first = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
-    model_cfg = cfg.model.model_copy(update={"init_from": str(first.dir)})
+    # A checkpoint continued from needs the tokenizer it was trained with, said before anything runs.
+    with pytest.raises(ConfigError, match="model.init_from continues a checkpoint.*set tokenizer.pretrained"):
+        tiny_config(tmp_path / "ws", f"model.init_from={first.dir}")
+    start = tmp_path / "start"
+    shutil.copytree(first.dir, start)
+    model_cfg = cfg.model.model_copy(update={"init_from": str(start)})
     second = pretrain(tokens, tok, model_cfg, cfg.pretrain, ws, cfg.seed)
     assert second.fingerprint != first.fingerprint
     assert second.meta["final_train_loss"] < first.meta["final_train_loss"]
+    # Named by its content: the same folder with one file changed is another start, another artifact.
+    (start / "generation_config.json").write_text('{"max_new_tokens": 7}\n')
+    assert pretrain_fingerprint(tokens, tok, model_cfg, cfg.pretrain, cfg.seed) != second.fingerprint
+    # Its own tokenizer must be the pipeline's.
+    other, *_ = _prepare(tmp_path / "other-ws", "tokenizer.vocab_size=300")
+    other_tok = train_tokenizer(ingest_corpus(other.corpus, Workspace(other.workspace), 0), other.tokenizer,
+                                Workspace(other.workspace))
+    for f in other_tok.dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy2(f, start / f.name)
+    with pytest.raises(ConfigError, match="its tokenizer differs from the pipeline's"):
+        pretrain(tokens, tok, model_cfg, cfg.pretrain, ws, cfg.seed)
 
 
 @pytest.fixture(scope="module")
