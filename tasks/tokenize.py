@@ -368,7 +368,7 @@ def plan_tokenize(corpus: CorpusRef, tokenizer: TokenizerRef, workspace: Workspa
     """The shards to encode, or the finished artifact when it exists."""
     fp = tokens_fingerprint(corpus, tokenizer)
     splits = list(corpus.meta.get("splits") or ["train", "validation"])
-    if workspace.is_complete(workspace.dir("tokens", fp)):
+    if workspace.intact("tokens", fp, "tokenize"):
         return TokenizePlan(fingerprint=fp, corpus=corpus, tokenizer=tokenizer, splits=splits, shards=[],
                             done=_reuse(workspace, fp))
     dtype = token_dtype(int(tokenizer.meta["vocab_size"])).name
