@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="create the work pools and deployments of deployments/prefect.yaml "
                                            "on the configured Prefect API")
     _config_args(deploy)  # the deployments' default parameters; none given: the flows' own defaults
+    deploy.add_argument("--update-pools", action="store_true",
+                        help="give existing process pools that let runs override the command, environment or "
+                             "working directory llmpipe's template")
     serve = sub.add_parser("serve", help="run the deployments of deployments/prefect.yaml in this process "
                                          "(Prefect serve), for a single box")
     _config_args(serve)
@@ -58,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--alias", default="champion", help="the champion alias (default: champion)")
         p.add_argument("--challenger-alias", default="challenger",
                        help="the challenger alias, removed from a version that becomes champion (default: challenger)")
+
+    gc = sub.add_parser("gc", help="list (and with --delete remove) leftovers and artifacts nothing refers to")
+    _config_args(gc)
+    gc.add_argument("--workspace", "-w", default=None, metavar="DIR", help="the workspace (default: the config's)")
+    gc.add_argument("--keep-days", type=float, default=7.0, metavar="N",
+                    help="keep unfinished builds' checkpoints written to, and artifacts of runs started, in the "
+                         "last N days (default: 7)")
+    gc.add_argument("--experiment", default=None,
+                    help="MLflow experiment whose recent runs keep artifacts (default: the config's, llmpipe)")
+    gc.add_argument("--delete", action="store_true", help="remove what is listed (default: only list it)")
+    gc.add_argument("--no-registry", action="store_true",
+                    help="do not consult MLflow: treat only leftovers, never unreferenced artifacts")
     return parser
 
 
@@ -107,6 +122,9 @@ def cmd_run(cfg: PipelineConfig) -> int:
     preflight(cfg)  # before anything is written
     exit_on_sigterm()
     env = runtime.configure(cfg.workspace)
+    from tasks.register import check_tracking_server
+
+    check_tracking_server()  # an MLflow server that does not answer: a clear error now, not retries for minutes
     runtime.prepare_backends(cfg.workspace)
     from flows.pipeline import llm_pipeline
 
@@ -124,7 +142,10 @@ def cmd_run(cfg: PipelineConfig) -> int:
           f" (TF-IDF+LR {report['baselines']['tfidf_logreg']['accuracy']:.4f})")
     state = "registered" if mv.created else "already registered"
     print(f"  model:          {mv.uri} {state}; {mv.decision}")
-    alias_uri = f"models:/{mv.name}@{cfg.registry.champion_alias}"
+    if mv.below_floor:
+        print(f"  WARNING:        {mv.uri} does not beat the baselines on the test split (the quality floor); it is "
+              "not champion")
+    alias_uri = mv.uri if mv.below_floor else f"models:/{mv.name}@{cfg.registry.champion_alias}"
     print()
     print(f"Predict:    llmpipe predict --model {alias_uri} \"a wonderful, moving film\"")
     print(f"MLflow UI:  mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}")
@@ -173,16 +194,74 @@ def cmd_alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from tasks import gc
+    from tasks.redact import redact
+
+    if args.keep_days < 0:
+        raise ConfigError("gc: --keep-days must be 0 or more")
+    cfg = _load(args)
+    workspace = Path(args.workspace or cfg.workspace).expanduser().resolve()
+    experiment = args.experiment or cfg.registry.experiment
+    print(f"workspace {workspace}")
+    referenced: set[str] | None = None
+    if args.no_registry:
+        print("registry: not consulted (--no-registry); which artifacts models and runs refer to is unknown, "
+              "so only leftovers are treated")
+    else:
+        uri = gc.find_tracking_uri()
+        if uri is None:
+            env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+            where = (f"MLFLOW_TRACKING_URI ({redact(env_uri)}) names no existing store" if env_uri
+                     else "MLFLOW_TRACKING_URI is not set and there is no mlflow.db here")
+            raise ConfigError(f"gc: no MLflow store found ({where}), so it cannot tell which artifacts are still "
+                              "referenced; run it where the store is, set MLFLOW_TRACKING_URI, or pass --no-registry "
+                              "to treat only leftovers")
+        registry_uri = os.environ.get("MLFLOW_REGISTRY_URI") or uri
+        if registry_uri != uri and not gc.existing_store(registry_uri):
+            raise ConfigError(f"gc: MLFLOW_REGISTRY_URI names no existing store ({redact(registry_uri)}); "
+                              "pass --no-registry to treat only leftovers")
+        from mlflow import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+            referenced = gc.registry_references(client, experiment, args.keep_days)
+        except Exception as exc:  # never guess what is unreferenced
+            raise LlmpipeError(f"gc: cannot read the MLflow store at {redact(uri)}: {redact(str(exc))}") from exc
+        print(f"registry: {redact(uri)}: {len(referenced)} fingerprints referenced by model versions and by runs "
+              f"of experiment {experiment!r} started in the last {args.keep_days:g} days (and their inputs kept)")
+    entries = gc.find_garbage(workspace, referenced, args.keep_days)
+    for entry in entries:
+        print(gc.describe(entry, workspace))
+    total = sum(e.size for e in entries)
+    summary = f"{len(entries)} entries, {total} bytes ({gc.human(total)})"
+    if not args.delete:
+        print(summary + ("; nothing removed (pass --delete to remove them)" if entries else ""))
+        return 0
+    outcomes = gc.remove(entries, args.keep_days)
+    removed = [o for o in outcomes if o.removed]
+    for o in outcomes:
+        if not o.removed:
+            print(f"kept          {o.entry.path}: {o.note}")
+    freed = sum(o.entry.size for o in removed)
+    print(f"{summary}; removed {len(removed)} ({freed} bytes, {gc.human(freed)})"
+          + (f", kept {len(outcomes) - len(removed)}" if len(removed) < len(outcomes) else ""))
+    return 0
+
+
 def _deploy_config(args: argparse.Namespace) -> PipelineConfig | None:
     return _load(args) if args.config or args.overrides else None
 
 
-def cmd_deploy(cfg: PipelineConfig | None) -> int:
+def cmd_deploy(cfg: PipelineConfig | None, update_pools: bool = False) -> int:
     from flows import deploy
 
-    done = deploy.deploy(cfg)
+    done = deploy.deploy(cfg, update_pools=update_pools)
     print(f"Prefect API {done.api_url}")
-    print("work pools: " + ", ".join(f"{p} ({'created' if new else 'exists'})" for p, new in done.pools.items()))
+    print("work pools: " + ", ".join(f"{p} ({state})" for p, state in done.pools.items()))
+    if open_pools := [p for p, state in done.pools.items() if state == "open"]:
+        print(f"WARNING: work pool(s) {', '.join(open_pools)} let a run override the command, environment or working "
+              "directory; `llmpipe deploy --update-pools` gives them llmpipe's template")
     print("deployments: " + ", ".join(done.deployments))
     print()
     print("Start workers:  prefect worker start --pool cpu")
@@ -208,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(_load(args))
         if args.command == "deploy":
-            return cmd_deploy(_deploy_config(args))
+            return cmd_deploy(_deploy_config(args), args.update_pools)
         if args.command == "serve":
             return cmd_serve(_deploy_config(args))
         if args.command == "predict":
             return cmd_predict(args)
         if args.command in ("promote", "rollback"):
             return cmd_alias(args)
+        if args.command == "gc":
+            return cmd_gc(args)
     except ConfigError as exc:
         print(f"llmpipe: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -22,6 +22,7 @@ import yaml
 
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, LlmpipeError
+from tasks.redact import redact_value
 
 log = logging.getLogger("llmpipe")
 
@@ -80,45 +81,85 @@ def require_api() -> str:
     return url
 
 
-def ensure_work_pools(spec: dict[str, Any]) -> dict[str, bool]:
-    """Create each work pool the deployments name, as a process pool; existing pools are left as they are.
+# What a run may not choose on a process worker: the command it starts, its environment, its working directory.
+FIXED_BY_OPERATOR = ("command", "env", "working_dir")
 
-    Returns ``{pool: created}``.
+
+def process_job_template() -> dict[str, Any]:
+    """Prefect's process-worker base job template without the variables a run could use to take over the worker.
+
+    The worker's own command, environment and (through the deployments' pull step) working directory are used;
+    the variables schema accepts no other key, so the server refuses a run that asks for one.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
+    template = copy.deepcopy(ProcessWorker.get_default_base_job_template())
+    for key in FIXED_BY_OPERATOR:
+        template["job_configuration"].pop(key, None)
+        template["variables"]["properties"].pop(key, None)
+    template["variables"]["additionalProperties"] = False
+    return template
+
+
+def overridable(template: dict[str, Any]) -> list[str]:
+    """Variables of a base job template that let a run change what starts or its environment."""
+    variables = template.get("variables") or {}
+    keys = set(variables.get("properties") or {})
+    if variables.get("additionalProperties", True) is not False:
+        keys |= set(FIXED_BY_OPERATOR)  # any key is accepted, and Prefect merges a run's `env` into the job's
+    return sorted(keys & set(FIXED_BY_OPERATOR))
+
+
+def ensure_work_pools(spec: dict[str, Any], update: bool = False) -> dict[str, str]:
+    """Create each work pool the deployments name, as a process pool with ``process_job_template()``.
+
+    An existing process pool whose template lets runs override the command, environment or working directory
+    gets llmpipe's template when ``update`` is set, else a warning. Returns ``{pool: "created" | "updated" |
+    "exists" | "open"}`` ("open": it still lets runs override them).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
     pools = dict.fromkeys(d["work_pool"]["name"] for d in spec["deployments"])
-    created = {}
+    status = {}
     with get_client(sync_client=True) as client:
         for name in pools:
             try:
-                client.read_work_pool(name)
-                created[name] = False
+                pool = client.read_work_pool(name)
             except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(
-                    name=name, type=WORK_POOL_TYPE,
-                    base_job_template=ProcessWorker.get_default_base_job_template()))
-                created[name] = True
-    return created
+                client.create_work_pool(WorkPoolCreate(name=name, type=WORK_POOL_TYPE,
+                                                       base_job_template=process_job_template()))
+                status[name] = "created"
+                continue
+            open_keys = overridable(pool.base_job_template) if pool.type == WORK_POOL_TYPE else []
+            if open_keys and update:
+                client.update_work_pool(name, WorkPoolUpdate(base_job_template=process_job_template()))
+                status[name] = "updated"
+            elif open_keys:
+                log.warning("work pool %s lets a run override %s; `llmpipe deploy --update-pools` gives it "
+                            "llmpipe's template", name, ", ".join(open_keys))
+                status[name] = "open"
+            else:
+                status[name] = "exists"
+    return status
 
 
 class Deployed(NamedTuple):
     api_url: str
-    pools: dict[str, bool]  # name -> created now
+    pools: dict[str, str]  # name -> created, updated, exists, open
     deployments: list[str]  # flow/deployment
 
 
-def deploy(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML) -> Deployed:
+def deploy(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML, update_pools: bool = False) -> Deployed:
     """Create the work pools and every deployment in prefect.yaml on the configured Prefect API.
 
-    ``cfg`` becomes the deployments' default parameters.
+    ``cfg`` becomes the deployments' default parameters; ``update_pools`` gives existing pools that let runs
+    override the command or environment llmpipe's template.
     """
     spec = with_config(load_spec(spec_path), cfg)
     api_url = require_api()
-    pools = ensure_work_pools(spec)
+    pools = ensure_work_pools(spec, update_pools)
     with tempfile.TemporaryDirectory(prefix="llmpipe-deploy-") as tmp:
         prefect_file = Path(tmp) / "prefect.yaml"
         prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
@@ -184,8 +225,9 @@ def announce_checkpoint(config: PipelineConfig, lm: Any, lm_report: Any) -> None
         PRETRAIN_COMPLETED,
         resource={"prefect.resource.id": f"llmpipe.checkpoint.{lm.fingerprint}",
                   "prefect.resource.name": f"language model {lm.fingerprint}"},
-        payload={"config": config.model_dump(mode="json"), "lm": lm.model_dump(mode="json"),
-                 "lm_report": lm_report.model_dump(mode="json")},
+        # Events are readable by anyone with access to the server: secrets in the config are masked.
+        payload=redact_value({"config": config.model_dump(mode="json"), "lm": lm.model_dump(mode="json"),
+                              "lm_report": lm_report.model_dump(mode="json")}),
     )
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
+import errno
 import functools
+import inspect
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,8 +25,9 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run, task_run
+from prefect.utilities.timeout import timeout as prefect_timeout
 
-from tasks import evaluate, faults, finetune, ingest, interrupts, pretrain, register, tokenize
+from tasks import evaluate, faults, finetune, ingest, interrupts, policy, pretrain, register, tokenize
 from tasks.artifacts import (
     ArtifactRef,
     CheckpointRef,
@@ -36,17 +40,70 @@ from tasks.artifacts import (
 )
 from tasks.config import PipelineConfig, flatten
 from tasks.errors import LlmpipeError
-from tasks.redact import redact
+from tasks.redact import redact, redact_exception
 from tasks.training import set_threads
+
+# OSError numbers worth a retry: the network, a busy or stale file (NFS), an interrupted or failed read. A full
+# disk (ENOSPC, EDQUOT), a read-only file system, a missing file or a permission error fails the same way again.
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET,
+                    errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                    errno.ENETDOWN, errno.ESTALE}
+
+
+def _library_transient(exc: BaseException) -> bool | None:
+    """Transient error types of the libraries the stages call (HTTP clients, MLflow, SQLAlchemy); None: unknown."""
+    modules = sys.modules
+    if (httpx := modules.get("httpx")) and isinstance(exc, httpx.TransportError):
+        return True
+    if (httpx := modules.get("httpx")) and isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (408, 429) or exc.response.status_code >= 500
+    if (requests := modules.get("requests")) and isinstance(exc, requests.exceptions.ConnectionError
+                                                            | requests.exceptions.Timeout):
+        return True
+    if (mlflow_exc := modules.get("mlflow.exceptions")) and isinstance(exc, mlflow_exc.MlflowException):
+        # A server that answers 500, 503 or 429, or none at all (INTERNAL_ERROR after MLflow's own retries).
+        return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED") or None
+    if (sa_exc := modules.get("sqlalchemy.exc")) and isinstance(exc, sa_exc.OperationalError):
+        return "locked" in str(exc) or "busy" in str(exc)  # SQLite under a concurrent writer
+    return None
+
+
+def is_transient(exc: BaseException, training: bool = False) -> bool:
+    """Whether a stage that failed with ``exc`` can succeed on a retry: connections, timeouts and transient OS
+    errors, wherever they sit in the exception's chain; never a user error, out-of-memory (training stages
+    shrink their own micro-batch), a full disk, a plain ``ValueError``, or a training stage past its time limit."""
+    import torch
+
+    if isinstance(exc, LlmpipeError | torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, StageTimeout):
+        return not training
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        verdict = _library_transient(exc)
+        if verdict is not None:
+            return verdict
+        if isinstance(exc, TimeoutError | ConnectionError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """Retry I/O and connection failures; a configuration or data error fails at once, and nothing is retried
-    once the process has been told to stop (SIGTERM, Ctrl-C)."""
+    """Prefect's retry condition: retry what ``is_transient``; nothing once the process has been told to stop
+    (SIGTERM, Ctrl-C)."""
     if interrupts.terminating():
         return False
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, LlmpipeError | TypeError | KeyError | AttributeError)
+    return isinstance(exc, BaseException) and is_transient(exc, training="training" in (getattr(task, "tags", None)
+                                                                                        or ()))
+
+
+class StageTimeout(TimeoutError):
+    """A stage ran past its time limit (``runtime.stage_timeout_s``, or a training stage's budget plus margin)."""
 
 
 class _ToRunLogger(logging.Handler):
@@ -61,20 +118,45 @@ class _ToRunLogger(logging.Handler):
             self.run_logger.log(record.levelno, redact(record.getMessage()))
 
 
+_STAGE_LOGGING = threading.Lock()
+_stages_logging: list[tuple[int, bool]] = []  # the llmpipe logger's (level, propagate) before the first running stage
+
+
+@contextlib.contextmanager
+def _stage_logging() -> Iterator[logging.Logger]:
+    """The ``llmpipe`` logger at INFO and not propagating while any stage runs, as it was once none does. Stages
+    run in several threads at once (the tokenize shards), so the first to start saves the logger's settings and
+    the last to end puts them back."""
+    stage_logger = logging.getLogger("llmpipe")
+    with _STAGE_LOGGING:
+        if not _stages_logging:
+            saved = (stage_logger.level, stage_logger.propagate)
+            if stage_logger.level == logging.NOTSET or stage_logger.level > logging.INFO:
+                stage_logger.setLevel(logging.INFO)
+            stage_logger.propagate = False  # the run logger shows each record; the root logger would repeat it
+        else:
+            saved = _stages_logging[0]
+        _stages_logging.append(saved)
+    try:
+        yield stage_logger
+    finally:
+        with _STAGE_LOGGING:
+            _stages_logging.pop()
+            if not _stages_logging:
+                stage_logger.setLevel(saved[0])
+                stage_logger.propagate = saved[1]
+
+
 def _with_run_logs(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        stage_logger = logging.getLogger("llmpipe")
         handler = _ToRunLogger(get_run_logger())
-        stage_logger.addHandler(handler)
-        if stage_logger.level == logging.NOTSET or stage_logger.level > logging.INFO:
-            stage_logger.setLevel(logging.INFO)
-        propagate, stage_logger.propagate = stage_logger.propagate, False
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            stage_logger.removeHandler(handler)
-            stage_logger.propagate = propagate
+        with _stage_logging() as stage_logger:
+            stage_logger.addHandler(handler)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                stage_logger.removeHandler(handler)
 
     return wrapper
 
@@ -122,18 +204,38 @@ def _tracked(name: str, fn: Callable) -> Callable:
     return wrapper
 
 
+def _time_limit(name: str, cfg: PipelineConfig) -> tuple[float, str]:
+    """The stage's time limit and the settings it comes from."""
+    train = {"pretrain": cfg.pretrain, "finetune": cfg.finetune}.get(name)
+    if train is None:
+        return cfg.runtime.stage_timeout(name), "runtime.stage_timeout_s"
+    setting = f"{name}.max_time_s + runtime.timeout_margin_s" if train.max_time_s else "runtime.training_timeout_s"
+    return cfg.runtime.stage_timeout(name, train), setting
+
+
 def _task(name: str, retries: int = 2, **kw: Any) -> Callable:
     # The workspace is the cache (content-addressed, shared across runs), so Prefect's own is off.
     def decorate(fn: Callable) -> Any:
         body = _tracked(name, fn) if name in TRACKED else fn
 
         @functools.wraps(body)
-        def with_faults(*args: Any, **kwargs: Any) -> Any:
-            faults.check(name)  # LLMPIPE_FAULT: fail this stage once, on purpose
-            return body(*args, **kwargs)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            cfg = next((v for v in (*args, *kwargs.values()) if isinstance(v, PipelineConfig)), None)
+            limit, setting = _time_limit(name, cfg) if cfg is not None else (None, "")
+            try:
+                # The time limit comes from the run's config (Prefect's timeout_seconds is fixed per task); the
+                # same cancel scope as Prefect's, so a hung read or call is interrupted.
+                with prefect_timeout(limit, timeout_exc_type=StageTimeout):
+                    faults.check(name)  # LLMPIPE_FAULT: fail this stage once, on purpose
+                    return body(*args, **kwargs)
+            except StageTimeout:
+                raise StageTimeout(f"stage {name} ran past its time limit of {limit:g} s ({setting})") from None
+            except Exception as exc:  # what Prefect records as the failure message must not carry a secret
+                redact_exception(exc)
+                raise
 
         return task(name=name, retries=retries, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient,
-                    cache_policy=NONE, **kw)(_with_run_logs(with_faults))
+                    cache_policy=NONE, **kw)(_with_run_logs(guarded))
 
     return decorate
 
@@ -212,7 +314,8 @@ def tokenize_corpus(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: Tokenizer
     cluster with ``prefect_dask.DaskTaskRunner`` (the workspace must then be on storage every worker sees).
     """
     plan = plan_tokenize(cfg, corpus, tokenizer)
-    return pack_tokens(cfg, corpus, tokenizer, plan, tokenize_shard.map(plan.shards))
+    shards = tokenize_shard.with_options(timeout_seconds=cfg.runtime.stage_timeout("tokenize-shard")).map(plan.shards)
+    return pack_tokens(cfg, corpus, tokenizer, plan, shards)
 
 
 @_task("pretrain", tags=["training"])
@@ -301,6 +404,8 @@ def mlflow_parent_run(cfg: PipelineConfig) -> Iterator[str]:
     The flow that owns the run (the root flow, or the first tracked one) marks it FINISHED or FAILED at the end.
     """
     ids = lineage()
+    if ids["prefect.flow_run_id"] == ids["prefect.stage_flow_run_id"]:  # the root flow: is the server there?
+        register.check_tracking_server()
     experiment_id, run_id, created = register.parent_run(cfg, ids, ids["prefect.flow_name"] or "llmpipe")
     owner = created or ids["prefect.flow_run_id"] == ids["prefect.stage_flow_run_id"]
     create_link_artifact(key="mlflow-run", link=register.run_url(cfg.registry, experiment_id, run_id),
@@ -316,17 +421,44 @@ def mlflow_parent_run(cfg: PipelineConfig) -> Iterator[str]:
         register.end_run(run_id)
 
 
+# Set once the root flow of this run has passed the policy check; nested flows inherit it.
+_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("llmpipe_admitted", default=False)
+
+
+def admit(cfg: PipelineConfig, refs: dict[str, Any]) -> None:
+    """Refuse, before anything runs, a run created through the Prefect API whose parameters reach beyond what
+    the worker's operator allows (``tasks/policy.py``). Runs started in-process (``llmpipe run``, Python)
+    belong to the operator and are not checked."""
+    if _ADMITTED.get():
+        return
+    if deployment.id:  # the UI form, `prefect deployment run`, the API, a schedule or an event
+        policy.check_config(cfg, policy.Policy.from_env(), refs, flow_run.job_variables)
+    _ADMITTED.set(True)
+
+
 def tracked_flow(fn: Callable) -> Callable:
-    """Decorator for a flow function taking a ``PipelineConfig``: its body runs inside ``mlflow_parent_run``."""
+    """Decorator for a flow function taking a ``PipelineConfig``: the run is admitted (``admit``), then its body
+    runs inside ``mlflow_parent_run``."""
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        cfg = next((v for v in (*args, *kwargs.values()) if isinstance(v, PipelineConfig)), None)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        cfg = next((v for v in bound.arguments.values() if isinstance(v, PipelineConfig)), None)
         if cfg is None:
             cfg = PipelineConfig()  # the flow's own default
-        interrupts.install()  # SIGTERM/Ctrl-C (from the CLI, a worker or Prefect) waits out MLflow writes
-        with mlflow_parent_run(cfg):
-            return fn(*args, **kwargs)
+        token = _ADMITTED.set(_ADMITTED.get())  # nested flows see this run's admission; it ends with the flow
+        try:
+            admit(cfg, {k: v for k, v in bound.arguments.items() if isinstance(v, ArtifactRef)})
+            # SIGTERM/Ctrl-C (from the CLI, a worker or Prefect) waits out MLflow writes while the flow runs.
+            with interrupts.installed(), mlflow_parent_run(cfg):
+                return fn(*args, **kwargs)
+        except Exception as exc:  # the flow run's failure message must not carry a secret
+            redact_exception(exc)
+            raise
+        finally:
+            _ADMITTED.reset(token)
 
     return wrapper
 
@@ -345,19 +477,29 @@ def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | N
     return ref
 
 
+def _comparison_table(title: str, g: dict[str, Any], other: str) -> list[str]:
+    lines = ["", f"### {title}", "", "| | value |", "|---|---|"]
+    for key in ("metric", "candidate_score", "champion_score", "champion_version", "delta", "margin", "test",
+                "p_value", "alpha", "rows"):
+        if g.get(key) is not None:
+            value, name = g[key], key.replace("_", " ").replace("champion", other)
+            lines.append(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    return lines
+
+
 def _gate_markdown(ref: register.ModelVersionRef) -> str:
     g = ref.gate or {}
-    lines = [f"## Registered model\n\n- model: `{ref.uri}`" + (f" (`{ref.alias_uri}`)" if ref.alias_uri else ""),
+    head = "## Registered model"
+    if ref.below_floor:
+        head += "\n\n**Not champion: this version does not beat the baselines (the quality floor).** It is registered " \
+                "for inspection, without an alias."
+    lines = [f"{head}\n\n- model: `{ref.uri}`" + (f" (`{ref.alias_uri}`)" if ref.alias_uri else ""),
              f"- decision: {ref.decision}", f"- source language model: `{ref.lm_uri}`",
              f"- MLflow run: `{ref.run_id}`", f"- tracking URI: `{register.tracking_uri()}`"]
-    if g.get("candidate_score") not in (None, "None"):
-        lines += ["", "### Gate", "", "| | value |", "|---|---|"]
-        for key in ("metric", "candidate_score", "champion_score", "champion_version", "delta", "margin", "test",
-                    "p_value", "alpha", "rows"):
-            if g.get(key) is not None:
-                value = g[key]
-                lines.append(f"| {key.replace('_', ' ')} | {value:.4g} |" if isinstance(value, float)
-                             else f"| {key.replace('_', ' ')} | {value} |")
+    if ref.floor:
+        lines += _comparison_table("Quality floor (against the baselines)", ref.floor, "baseline")
+    if g.get("candidate_score") not in (None, "None") and not ref.below_floor:
+        lines += _comparison_table("Gate (against the champion)", g, "champion")
     return "\n".join(lines) + "\n"
 
 

@@ -240,7 +240,7 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residuals (GPT-2).")
     init_from: str | None = Field(
         None, description="Continue from this Hugging Face checkpoint (local directory or hub name) instead of "
-        "building from config; its tokenizer must match the pipeline's."
+        "building from config; it needs tokenizer.pretrained set to its own tokenizer. Named by its files' content."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from init_from (off: safer).")
 
@@ -275,6 +275,10 @@ class TrainConfig(Section):
     warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay on weight matrices (not biases, norms).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping; 0 disables.")
+    max_skipped_steps: int = Field(
+        0, ge=0, description="Steps whose loss or gradient norm is not finite (NaN or inf) that may be skipped (no "
+        "weight update; the step is tried again on the next batch) before training stops with an error; 0 stops at "
+        "the first. A stopped run saves no model.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks CUDA when present.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slow on most CPUs)."
@@ -433,9 +437,14 @@ class RegistryConfig(Section):
         0.0, ge=0, lt=1, description="A new version replaces the champion only if its metric is higher by more than this."
     )
     bootstrap_samples: int = Field(2000, ge=100, le=100_000, description="Resamples for the paired bootstrap test.")
+    baseline_floor: Literal["majority", "tfidf_logreg"] = Field(
+        "majority", description="The quality floor: before it can become champion, a version must beat the majority "
+        "class ('majority'), or the majority class and TF-IDF + logistic regression ('tfidf_logreg'), on the test "
+        "split, significantly (the gate's test at alpha 0.05). A version below it is registered without an alias.",
+    )
     ui_url: str | None = Field(
-        None, description="MLflow UI address for links in Prefect artifacts; default: the tracking URI when it is "
-        "http(s), else http://127.0.0.1:5000 (`mlflow ui`).",
+        None, pattern=r"^https?://", description="MLflow UI address (http or https) for links in Prefect artifacts; "
+        "default: the tracking URI when it is http(s), else http://127.0.0.1:5000 (`mlflow ui`).",
     )
 
     @model_validator(mode="after")
@@ -453,6 +462,24 @@ class RuntimeConfig(Section):
     """Process-level settings."""
 
     threads: int = Field(0, ge=0, description="torch threads per training process; 0 means all cores.")
+    stage_timeout_s: float = Field(
+        3600, gt=0, description="Time limit of each stage other than training (ingestion, tokenizer, tokenize, "
+        "evaluation, registration): past it the stage fails as timed out, and is retried.",
+    )
+    training_timeout_s: float = Field(
+        86400, gt=0, description="Time limit of a training stage whose max_time_s is not set; past it the stage "
+        "fails as timed out, and is not retried.",
+    )
+    timeout_margin_s: float = Field(
+        900, ge=0, description="Added to pretrain.max_time_s or finetune.max_time_s for that stage's time limit: "
+        "room for start-up, compilation, evaluation and saving.",
+    )
+
+    def stage_timeout(self, stage: str, train: TrainConfig | None = None) -> float:
+        """The time limit of ``stage``: training stages from their time budget plus the margin."""
+        if train is None:
+            return self.stage_timeout_s
+        return train.max_time_s + self.timeout_margin_s if train.max_time_s else self.training_timeout_s
 
 
 class PipelineConfig(Section):
@@ -479,6 +506,10 @@ class PipelineConfig(Section):
         if self.finetune.init_from is None and self.finetune.max_length > self.model.n_positions:
             problems.append(f"finetune.max_length ({self.finetune.max_length}) exceeds model.n_positions "
                             f"({self.model.n_positions})")
+        if self.model.init_from and not self.tokenizer.pretrained:
+            problems.append("model.init_from continues a checkpoint, which needs the tokenizer it was trained with: "
+                            "set tokenizer.pretrained to it (for example the same folder); a tokenizer trained on "
+                            "the corpus would give its embeddings other meanings")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -23,18 +23,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, file_sha256, fingerprint, write_json
+from tasks import checkpoints
+from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, fingerprint, write_json
 from tasks.config import FinetuneConfig
 from tasks.errors import ConfigError, DataError
 from tasks.evaluate import classification_metrics
 from tasks.ingest import load_id2label, load_split
-from tasks.training import ShuffledIndices, epoch_permutation, list_checkpoints, seed_everything, train
+from tasks.training import (
+    ShuffledIndices,
+    epoch_permutation,
+    list_checkpoints,
+    seed_everything,
+    train,
+    train_halving_on_oom,
+)
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "finetune-2"
-# Settings that change how training is observed or resumed, not the weights it produces.
-OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels"}
+STAGE_VERSION = "finetune-3"
+# Settings that change how training is observed, resumed or split into micro-batches, not the weights it
+# produces. The global batch (micro-batch x accumulation) stays in the fingerprint, so a run that halves its
+# micro-batch after running out of memory resumes its own checkpoints and finishes the same artifact.
+OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels",
+                "batch_size", "grad_accum_steps"}
 BEST_FILE = "best.safetensors"
 
 
@@ -61,54 +72,73 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class LengthGroupedIndices:
-    """Batches of texts of similar length, in random order.
+    """Micro-batches of texts of similar length, in random order, the same steps whatever the micro-batch split.
 
-    Each epoch is a permutation from (seed, epoch), cut into windows of ``group`` batches; each window
-    is sorted by length and cut into batches, and all the epoch's batches are shuffled. The position
-    is (epoch, batch), so the order survives a restart exactly.
+    The plan is made of global batches of ``batch_size x accum`` texts (one optimizer step). Each epoch is a
+    permutation from (seed, epoch), topped up from its own start to a whole number of global batches (so that
+    every step has all its texts, however it is split), cut into windows of ``group`` global batches; each
+    window is sorted by length and cut into global batches, and all the epoch's global batches are shuffled.
+    A global batch is handed out as ``accum`` micro-batches of ``batch_size`` in turn, so half the micro-batch
+    and twice the accumulation give every step the same texts. The position is (epoch, global batch, texts of
+    it handed out), so the order survives a restart exactly, and at a step boundary (where checkpoints are
+    written) under another split of the same global batch too.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int, accum: int = 1):
         if not lengths:
             raise ValueError("cannot draw batches from an empty set")
         self.lengths, self.batch_size, self.seed, self.group = np.asarray(lengths), batch_size, seed, group
-        self.epoch, self.pos = 0, 0
+        self.global_size = batch_size * accum
+        self.epoch, self.pos, self.offset = 0, 0, 0
         self._batches = self._plan(0)
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
-        perm = epoch_permutation(len(self.lengths), self.seed, epoch)
-        window = self.batch_size * self.group
+        n, size = len(self.lengths), self.global_size
+        # Whole global batches: the last is completed with the epoch's first texts (cyclically, if the set is
+        # smaller than one global batch).
+        perm = np.resize(epoch_permutation(n, self.seed, epoch), -(-n // size) * size)
+        window = size * self.group
         batches = []
         for start in range(0, len(perm), window):
             chunk = perm[start : start + window]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
         order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))
         return [batches[i] for i in order]
 
     def next_indices(self) -> np.ndarray:
-        batch = self._batches[self.pos]
-        self.pos += 1
-        if self.pos >= len(self._batches):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._batches = self._plan(self.epoch)
+        batch = self._batches[self.pos][self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        if self.offset >= self.global_size:
+            self.pos, self.offset = self.pos + 1, 0
+            if self.pos >= len(self._batches):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._batches = self._plan(self.epoch)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "offset": self.offset}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        offset = int(state.get("offset", 0))
+        if offset % self.batch_size or offset >= self.global_size:
+            raise ValueError(f"cannot resume {offset} texts into a global batch of {self.global_size} with "
+                             f"micro-batches of {self.batch_size}")
+        self.epoch, self.pos, self.offset = int(state["epoch"]), int(state["pos"]), offset
         self._batches = self._plan(self.epoch)
 
 
 class ClassificationBatches:
-    """Shuffled, dynamically padded batches of (text, label) pairs; length-grouped when ``group`` is given."""
+    """Shuffled, dynamically padded micro-batches of (text, label) pairs; length-grouped when ``group`` is given.
+
+    ``accum`` micro-batches in a row make one step's global batch, which is the same whatever the split: the
+    shuffled order is one stream cut into global batches, and length grouping plans global batches.
+    """
 
     def __init__(self, seqs: list[list[int]], labels: list[int], batch_size: int, pad_id: int, seed: int,
-                 group: int | None = None):
+                 group: int | None = None, accum: int = 1):
         self.seqs, self.labels, self.pad_id = seqs, labels, pad_id
-        self.order = (LengthGroupedIndices([len(s) for s in seqs], batch_size, seed, group) if group
+        self.order = (LengthGroupedIndices([len(s) for s in seqs], batch_size, seed, group, accum) if group
                       else ShuffledIndices(len(seqs), batch_size, seed))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -191,14 +221,6 @@ def _check_source(init_from: str) -> None:
         raise ConfigError(f"finetune.init_from={init_from}: no such directory")
 
 
-def _source_identity(init_from: str) -> Any:
-    """What names the starting weights: file hashes of a local checkpoint, or the hub name."""
-    path = Path(init_from).expanduser()
-    if path.is_dir():
-        return sorted((f.relative_to(path).as_posix(), file_sha256(f)) for f in path.rglob("*") if f.is_file())
-    return init_from
-
-
 def _context_length(config: Any) -> int | None:
     for key in ("n_positions", "max_position_embeddings"):
         value = getattr(config, key, None)
@@ -220,14 +242,38 @@ def load_tokenizer(source: str | Path, cfg: FinetuneConfig):
     return tokenizer
 
 
+def is_head(name: str, base_prefix: str) -> bool:
+    """Whether a parameter belongs to the classification head: outside the base model (GPT-2's and Llama's
+    ``score``, BERT's ``classifier``), or the pooler that a BERT-style head reads."""
+    return not name.startswith(f"{base_prefix}.") or ".pooler." in name
+
+
 def load_classifier(source: str | Path, id2label: dict[int, str], pad_id: int, max_length: int):
-    """A sequence classifier with a fresh head of ``len(id2label)`` classes on top of ``source``'s weights."""
+    """A sequence classifier with a fresh head of ``len(id2label)`` classes on top of ``source``'s weights.
+
+    Only the classification head may be missing from ``source`` or differ in shape (it is initialised afresh);
+    any other missing or mismatched weight is a ``ConfigError`` that lists them, since training would start from
+    random weights where the checkpoint was meant to be.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, info = AutoModelForSequenceClassification.from_pretrained(
         str(source), num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-        pad_token_id=pad_id, ignore_mismatched_sizes=True,
+        pad_token_id=pad_id, ignore_mismatched_sizes=True, output_loading_info=True,
     )
+    prefix = model.base_model_prefix
+    missing = sorted(k for k in info.get("missing_keys", ()) if not is_head(k, prefix))
+    mismatched = sorted(f"{k} (checkpoint {tuple(old)}, model {tuple(new)})"
+                        for k, old, new in info.get("mismatched_keys", ()) if not is_head(k, prefix))
+    if missing or mismatched:
+        listed = [*(f"missing {k}" for k in missing), *(f"mismatched {k}" for k in mismatched)]
+        raise ConfigError(f"{source}: {len(listed)} weight(s) outside the classification head do not load into a "
+                          f"{model.config.model_type} classifier: " + "; ".join(listed[:20])
+                          + (f"; and {len(listed) - 20} more" if len(listed) > 20 else ""))
+    fresh = sorted({k for k in info.get("missing_keys", ())} | {k for k, *_ in info.get("mismatched_keys", ())})
+    log.info("finetune: classification head initialised afresh (%s); %d checkpoint weights not used (%s)",
+             ", ".join(fresh) or "none", len(info.get("unexpected_keys", ())),
+             ", ".join(sorted(info.get("unexpected_keys", ()))[:5]) or "none")
     model.config.pad_token_id = pad_id
     context = _context_length(model.config)
     if context is not None and max_length > context:
@@ -305,8 +351,10 @@ def finetune_fingerprint(lm: CheckpointRef | None, labeled: LabeledRef, cfg: Fin
     observe_only = set(OBSERVE_ONLY)
     if not (cfg.restore_best or cfg.early_stopping_patience):
         observe_only.add("eval_every")  # validation then only watches; otherwise it picks the weights
-    base = _source_identity(cfg.init_from) if cfg.init_from else lm.fingerprint if lm else None
-    return fingerprint(STAGE_VERSION, base, labeled.fingerprint, cfg.model_dump(exclude=observe_only), seed)
+    base = checkpoints.identity(cfg.init_from, "finetune.init_from") if cfg.init_from else lm.fingerprint if lm else None
+    global_batch = cfg.batch_size * cfg.accum_steps
+    return fingerprint(STAGE_VERSION, base, labeled.fingerprint, cfg.model_dump(exclude=observe_only), global_batch,
+                       seed)
 
 
 def finetune(
@@ -331,6 +379,11 @@ def finetune(
     work_dir = workspace.work_dir("checkpoints", fp)
 
     def build(out: Path) -> dict[str, Any]:
+        # Out of memory: half the micro-batch, twice the accumulation, resumed from the newest checkpoint.
+        return train_halving_on_oom(cfg, lambda current: train_and_save(current, out), "finetune")
+
+    def train_and_save(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
+        # ``cfg`` is the stage's config, or a copy of it with a smaller micro-batch after running out of memory.
         seed_everything(seed)
         id2label = load_id2label(labeled)
         train_rows, val_rows = load_split(labeled, "train"), load_split(labeled, "validation")
@@ -359,7 +412,7 @@ def finetune(
         labels = [id2label[i] for i in range(len(id2label))]
         pad_id = tokenizer.pad_token_id
         batches = ClassificationBatches(train_seqs, train_labels, cfg.batch_size, pad_id, seed,
-                                        cfg.length_group_batches if cfg.group_by_length else None)
+                                        cfg.length_group_batches if cfg.group_by_length else None, cfg.accum_steps)
         truncated = sum(len(s) >= cfg.max_length for s in train_seqs)
         log.info("finetune: %s (%s) from %s, %.2fM parameters (%.2fM trained), %d train / %d validation texts, "
                  "%d labels, %d train texts at max_length=%d", model.config.model_type, cfg.method, source,
@@ -397,6 +450,8 @@ def finetune(
                 "base": str(cfg.init_from or f"checkpoints/{lm.fingerprint}"), "model_type": model.config.model_type,
                 "method": cfg.method, "parameters": n_params, "trainable_parameters": n_trainable,
                 "class_weights": weights, "steps": result.steps, "stop_reason": result.stop_reason,
+                "micro_batch": cfg.batch_size, "grad_accum_steps": cfg.accum_steps,
+                "skipped_steps": result.skipped_steps,
                 "tokens_seen": result.tokens_seen, "train_seconds": round(result.train_seconds, 2),
                 "resumed_from": result.resumed_from,
                 "final_train_loss": result.history[-1]["loss"] if result.history else None,

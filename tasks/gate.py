@@ -17,6 +17,10 @@ from typing import Any
 
 import numpy as np
 
+# The significance level of the quality floor: a version must beat the baselines at least this clearly before it can
+# become champion. Fixed here, not a run parameter, so that no run can loosen it.
+FLOOR_ALPHA = 0.05
+
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
     return float((y_true == y_pred).mean()) if len(y_true) else 0.0
@@ -87,8 +91,10 @@ class GateResult:
 
 def compare(y_true: np.ndarray, candidate: np.ndarray, champion: np.ndarray, *, metric: str, n_labels: int,
             test: str, alpha: float, margin: float, samples: int = 2000, seed: int = 0,
-            champion_version: int | None = None) -> GateResult:
-    """Decide whether ``candidate`` predictions beat ``champion`` predictions on the same rows ``y_true``."""
+            champion_version: int | None = None, versus: str | None = None) -> GateResult:
+    """Decide whether ``candidate`` predictions beat ``champion`` predictions on the same rows ``y_true``.
+
+    ``versus`` names what ``champion`` is in the reason (default: the champion's version)."""
     y_true, candidate, champion = (np.asarray(a, dtype=np.int64) for a in (y_true, candidate, champion))
     if not (len(y_true) == len(candidate) == len(champion)):
         raise ValueError(f"paired predictions differ in length: {len(y_true)}, {len(candidate)}, {len(champion)}")
@@ -108,7 +114,7 @@ def compare(y_true: np.ndarray, candidate: np.ndarray, champion: np.ndarray, *, 
         test_name = f"paired bootstrap ({samples} resamples)"
     else:
         raise ValueError(f"unknown significance test {test!r}; expected 'bootstrap' or 'mcnemar'")
-    versus = f"v{champion_version}" if champion_version is not None else "the champion"
+    versus = versus or (f"v{champion_version}" if champion_version is not None else "the champion")
     numbers = (f"{metric} {cand:.4f} vs {versus} {champ:.4f} (delta {delta:+.4f}, margin {margin:g}; "
                f"{test_name} p={p:.4g}, alpha {alpha:g}; {len(y_true)} test rows)")
     if delta <= margin:

@@ -60,6 +60,19 @@ def _deferring(previous: Callable[..., Any]) -> Callable[..., Any]:
     return handler
 
 
+@contextlib.contextmanager
+def installed(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """``install()`` for the duration of the block; the handlers found are back afterwards."""
+    before = {signum: signal.getsignal(signum) for signum in signums} if _main_thread() else {}
+    install(signums)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 def install(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
     """Wrap the current Python handlers of ``signums`` so that they mark the process as terminating and wait
     for the end of a ``shielded()`` block. Idempotent; a no-op outside the main thread and for signals with

@@ -14,12 +14,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
 from tasks.config import ModelConfig, PretrainConfig
 from tasks.errors import ConfigError, DataError
 from tasks.kernels import next_token_loss
 from tasks.tokenize import open_tokens
-from tasks.training import ShuffledIndices, dist_info, seed_everything, tied_aliases, train
+from tasks.training import (
+    ShuffledIndices,
+    dist_info,
+    seed_everything,
+    tied_aliases,
+    train,
+    train_halving_on_oom,
+)
 
 log = logging.getLogger("llmpipe")
 
@@ -32,12 +40,28 @@ EXECUTION_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoin
                   "grad_accum_steps", "global_batch_tokens", "device", "compile", "fast_kernels"}
 
 
+def check_init_tokenizer(init_from: str, tokenizer_dir: str | Path) -> None:
+    """A checkpoint continued from must come with its own tokenizer, and it must be the pipeline's: the same
+    strings must map to the same ids, or every embedding row would mean another token."""
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(str(checkpoints.local_dir(init_from, "model.init_from")))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.init_from={init_from}: it has no tokenizer of its own to check against the "
+                          f"pipeline's ({type(exc).__name__}); save the tokenizer it was trained with beside it") from None
+    if not checkpoints.same_vocabulary(own, AutoTokenizer.from_pretrained(str(tokenizer_dir))):
+        raise ConfigError(f"model.init_from={init_from}: its tokenizer differs from the pipeline's; set "
+                          "tokenizer.pretrained to the checkpoint's tokenizer (for example the same folder)")
+
+
 def build_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int):
     """A causal LM from config (SDPA attention), or loaded from ``cfg.init_from``."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     if cfg.init_from:
-        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, trust_remote_code=cfg.trust_remote_code,
+        source = str(checkpoints.local_dir(cfg.init_from, "model.init_from"))
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
                                                      attn_implementation="sdpa")
         if model.config.vocab_size < vocab_size:
             raise ConfigError(f"model.init_from={cfg.init_from}: its vocabulary ({model.config.vocab_size}) is smaller "
@@ -132,8 +156,10 @@ def lm_eval_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, ba
 def pretrain_fingerprint(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
                          cfg: PretrainConfig, seed: int) -> str:
     global_batch = cfg.batch_size * cfg.accum_steps
+    # A checkpoint continued from is named by its files' content: a changed folder is a different start.
+    start = [checkpoints.identity(model_cfg.init_from, "model.init_from")] if model_cfg.init_from else []
     return fingerprint(STAGE_VERSION, tokens.fingerprint, tokenizer.fingerprint, model_cfg,
-                       cfg.model_dump(exclude=EXECUTION_ONLY), global_batch, seed)
+                       cfg.model_dump(exclude=EXECUTION_ONLY), global_batch, seed, *start)
 
 
 def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig, cfg: PretrainConfig, seed: int,
@@ -142,6 +168,8 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
     """Train and save to ``out`` (rank 0); runs the same in one process and in each torchrun worker."""
     rank, world = dist_info()
     seed_everything(seed)
+    if model_cfg.init_from:
+        check_init_tokenizer(model_cfg.init_from, tokenizer.dir)
     vocab_size = tokens.meta["vocab_size"]
     model = build_lm(model_cfg, vocab_size, tokenizer.meta["eos_id"], tokenizer.meta["pad_id"])
     n_params = count_parameters(model)
@@ -167,7 +195,7 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
     meta = {"task": "causal-lm", "family": model.config.model_type, "parameters": n_params,
             "flops_per_token": fpt, "steps": result.steps, "tokens_seen": result.tokens_seen,
             "stop_reason": result.stop_reason, "processes": world, "micro_batch": cfg.batch_size,
-            "grad_accum_steps": cfg.accum_steps,
+            "grad_accum_steps": cfg.accum_steps, "skipped_steps": result.skipped_steps,
             "train_seconds": round(result.train_seconds, 2), "resumed_from": result.resumed_from,
             "peak_flops": result.peak_flops, "final_train_loss": result.history[-1]["loss"],
             **{k: v for k, v in (result.evals[-1] if result.evals else {}).items() if k != "step"}}
@@ -207,12 +235,6 @@ def _loss_curve(history: list[dict], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def halve_micro_batch(cfg: PretrainConfig) -> PretrainConfig:
-    """Half the micro-batch, twice the accumulation: the same global batch in less memory."""
-    return cfg.model_copy(update={"batch_size": cfg.batch_size // 2, "grad_accum_steps": cfg.accum_steps * 2,
-                                  "global_batch_tokens": None})
-
-
 def pretrain(
     tokens: TokensRef,
     tokenizer: TokenizerRef,
@@ -235,18 +257,10 @@ def pretrain(
                     "seed": seed, "work_dir": str(work_dir), "out": str(out)}
             run_torchrun(spec, cfg, work_dir)
             return json.loads((out / "train_meta.json").read_text())
-        current = cfg
-        while True:
-            try:
-                return train_lm(tokens, tokenizer, model_cfg, current, seed, work_dir, out, on_progress)
-            except torch.OutOfMemoryError:
-                if current.batch_size % 2:
-                    raise
-                current = halve_micro_batch(current)
-                log.warning("pretrain: out of memory; resuming with micro-batch %d x %d accumulation steps "
-                            "(same global batch)", current.batch_size, current.grad_accum_steps)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        # Out of memory: half the micro-batch, twice the accumulation, resumed from the newest checkpoint.
+        return train_halving_on_oom(
+            cfg, lambda current: train_lm(tokens, tokenizer, model_cfg, current, seed, work_dir, out, on_progress),
+            "pretrain")
 
     ref = workspace.materialize(CheckpointRef, fp, build, stage="pretrain",
                                 config={"model": model_cfg.model_dump(), "pretrain": cfg.model_dump(), "seed": seed},

@@ -78,6 +78,8 @@ class ModelVersionRef(BaseModel):
     experiment_id: str | None = None
     decision: str = ""
     gate: dict[str, Any] | None = None
+    floor: dict[str, Any] | None = None  # the quality floor's comparison with the baselines
+    below_floor: bool = False  # registered for inspection, without an alias
     lm_uri: str | None = None
 
 
@@ -127,6 +129,25 @@ def tracking_uri() -> str:
     import mlflow
 
     return redact(mlflow.get_tracking_uri())
+
+
+def check_tracking_server(timeout_s: float = 5.0) -> None:
+    """Fail at once, with a clear error, when the tracking URI is an MLflow server that does not answer; MLflow's
+    own client would retry each call for minutes first. Stores in this process (SQLite, files) are not checked."""
+    import mlflow
+    import requests
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        problem = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
+    except requests.RequestException as exc:
+        problem = type(exc).__name__
+    if problem:
+        raise LlmpipeError(f"the MLflow tracking server {tracking_uri()} does not answer ({problem}); start it, or "
+                           "set MLFLOW_TRACKING_URI to one that runs")
 
 
 def ui_base(reg: RegistryConfig) -> str:
@@ -573,33 +594,61 @@ def predict_labels(model_uri: str, texts: list[str]) -> list[str]:
     return [str(label) for label in _predict(model_uri, texts)["label"]]
 
 
-def run_gate(client, reg: RegistryConfig, name: str, version: int, labeled: LabeledRef, seed: int = 0):
-    """Score ``version`` and the current champion, both loaded from the registry, on the test split; decide."""
+def run_gate(client, reg: RegistryConfig, name: str, version: int, labeled: LabeledRef, candidate, seed: int = 0):
+    """Compare ``version``'s test predictions ``candidate`` with the current champion's, loaded from the registry
+    and scored here on the same rows; decide."""
     import numpy as np
 
     from tasks import gate
 
     champion = _alias_version(client, name, reg.champion_alias)
+    common = {"metric": reg.metric, "test": reg.significance_test, "alpha": reg.alpha, "margin": reg.margin}
     if champion is None:
-        return gate.GateResult(promote=True, reason=f"no {reg.champion_alias} yet", metric=reg.metric,
-                               test=reg.significance_test, alpha=reg.alpha, margin=reg.margin), None
+        return gate.GateResult(promote=True, reason=f"no {reg.champion_alias} yet", **common), None
     if int(champion.version) == version:
-        return gate.GateResult(promote=True, reason=f"already {reg.champion_alias}", metric=reg.metric,
-                               test=reg.significance_test, alpha=reg.alpha, margin=reg.margin,
-                               champion_version=version), champion
+        return gate.GateResult(promote=True, reason=f"already {reg.champion_alias}", champion_version=version,
+                               **common), champion
     texts, y_true, label2id = held_out_split(labeled)
-    candidate = gate.label_ids(predict_labels(f"models:/{name}/{version}", texts), label2id, f"version {version}")
     try:
         champ = gate.label_ids(predict_labels(f"models:/{name}/{champion.version}", texts), label2id,
                                f"{reg.champion_alias} version {champion.version}")
     except ValueError as exc:
-        return gate.GateResult(promote=False, reason=f"not comparable: {exc}", metric=reg.metric,
-                               test=reg.significance_test, alpha=reg.alpha, margin=reg.margin,
-                               rows=len(texts), champion_version=int(champion.version)), champion
-    result = gate.compare(np.array(y_true), candidate, champ, metric=reg.metric, n_labels=len(label2id),
-                          test=reg.significance_test, alpha=reg.alpha, margin=reg.margin,
-                          samples=reg.bootstrap_samples, seed=seed, champion_version=int(champion.version))
+        return gate.GateResult(promote=False, reason=f"not comparable: {exc}", rows=len(texts),
+                               champion_version=int(champion.version), **common), champion
+    result = gate.compare(np.array(y_true), candidate, champ, samples=reg.bootstrap_samples, seed=seed,
+                          champion_version=int(champion.version), **common)
     return result, champion
+
+
+def quality_floor(reg: RegistryConfig, labeled: LabeledRef, candidate, seed: int = 0):
+    """Whether the candidate's test predictions beat each required baseline significantly; the first one it
+    does not beat decides (``GateResult`` with ``promote`` False), else the last comparison.
+
+    The majority class is always required, TF-IDF + logistic regression when ``registry.baseline_floor`` asks
+    for it. The test is the gate's own (``registry.significance_test``) at ``gate.FLOOR_ALPHA``, which no run
+    parameter can loosen.
+    """
+    import numpy as np
+
+    from tasks import gate
+    from tasks.evaluate import baseline_predictions
+    from tasks.ingest import load_split
+
+    texts, y_true, label2id = held_out_split(labeled)
+    train = load_split(labeled, "train")
+    train_y = np.array([int(r["label"]) for r in train], dtype=np.int64)
+    baselines = {"majority": np.full(len(texts), int(np.argmax(np.bincount(train_y, minlength=len(label2id)))))}
+    if reg.baseline_floor == "tfidf_logreg":
+        proba = baseline_predictions([r["text"] for r in train], train_y, texts, len(label2id), seed)
+        baselines["tfidf_logreg"] = proba["tfidf_logreg"].argmax(axis=1)
+    result = None
+    for name, predicted in baselines.items():
+        result = gate.compare(np.array(y_true), candidate, predicted, metric=reg.metric, n_labels=len(label2id),
+                              test=reg.significance_test, alpha=gate.FLOOR_ALPHA, margin=0.0,
+                              samples=reg.bootstrap_samples, seed=seed, versus=f"the {name} baseline")
+        if not result.promote:
+            return result, name
+    return result, name
 
 
 def _history(client, name: str) -> list[int]:
@@ -623,31 +672,45 @@ def _set_champion(client, name: str, version: int, champion_alias: str, challeng
 
 
 def decide_alias(client, reg: RegistryConfig, name: str, version: int, labeled: LabeledRef, seed: int = 0):
-    """Run the gate and move the alias; if the champion changes while we score, score again against the new one."""
+    """The quality floor, then the gate: returns ``(alias or None, gate result, floor result)``.
+
+    A version that does not beat the floor gets no alias. One that does is compared with the champion, and the
+    alias moves; if the champion changes while we score, it is scored again against the new one.
+    """
     from tasks import gate
 
+    texts, _, label2id = held_out_split(labeled)
+    candidate = gate.label_ids(predict_labels(f"models:/{name}/{version}", texts), label2id, f"version {version}")
+    floor, baseline = quality_floor(reg, labeled, candidate, seed)
+    if not floor.promote:
+        return None, floor, floor
     for _ in range(3):
-        result, champion = run_gate(client, reg, name, version, labeled, seed)
+        result, champion = run_gate(client, reg, name, version, labeled, candidate, seed)
         if not result.promote:
             client.set_registered_model_alias(name, reg.challenger_alias, str(version))
-            return reg.challenger_alias, result
+            return reg.challenger_alias, result, floor
         now = _alias_version(client, name, reg.champion_alias)
         if (now and now.version) == (champion and champion.version):
             _set_champion(client, name, version, reg.champion_alias, reg.challenger_alias)
-            return reg.champion_alias, result
+            return reg.champion_alias, result, floor
     result = gate.GateResult(promote=False, reason=f"the {reg.champion_alias} kept changing while this version was "
                              "scored", metric=reg.metric, test=reg.significance_test, alpha=reg.alpha, margin=reg.margin)
     client.set_registered_model_alias(name, reg.challenger_alias, str(version))
-    return reg.challenger_alias, result
+    return reg.challenger_alias, result, floor
 
 
-def _gate_tags(alias: str, result) -> dict[str, str]:
-    tags = {DECISION_TAG: alias, "llmpipe.alias_decision": f"{alias}: {result.reason}"}
-    for key, value in result.as_dict().items():
-        if value is not None and key not in ("promote", "reason", "details") and not (key == "rows" and not value):
-            tags[f"llmpipe.gate.{key}"] = f"{value:.6g}" if isinstance(value, float) else str(value)
-    for key, value in (result.details or {}).items():
-        tags[f"llmpipe.gate.{key}"] = str(value)
+BELOW_FLOOR = "below-floor"
+
+
+def _gate_tags(alias: str | None, result, floor) -> dict[str, str]:
+    decision = alias or BELOW_FLOOR
+    tags = {DECISION_TAG: decision, "llmpipe.alias_decision": f"{alias or 'no alias'}: {result.reason}"}
+    for prefix, res in (("llmpipe.gate", None if alias is None else result), ("llmpipe.floor", floor)):
+        for key, value in (res.as_dict() if res else {}).items():
+            if value is not None and key not in ("promote", "reason", "details") and not (key == "rows" and not value):
+                tags[f"{prefix}.{key}"] = f"{value:.6g}" if isinstance(value, float) else str(value)
+        for key, value in ((res.details if res else None) or {}).items():
+            tags[f"{prefix}.{key}"] = str(value)
     return tags
 
 
@@ -712,19 +775,26 @@ def log_and_register(
         log.info("register: model %s is already version %s of %s (%s); not registering a duplicate",
                  classifier.fingerprint, version, reg.model_name, why)
         return _ref(mv, False, run_id, experiment_id, gate=gate_info or None, lm_uri=lm_version.uri,
+                    below_floor=mv.tags.get(DECISION_TAG) == BELOW_FLOOR,
                     decision=f"identical model already registered as version {version} ({why})")
-    alias, result = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed)
-    for key, value in _gate_tags(alias, result).items():
+    alias, result, floor = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed)
+    for key, value in _gate_tags(alias, result, floor).items():
         client.set_model_version_tag(reg.model_name, str(version), key, value)
+    gate_line = f"Gate: {alias} ({result.reason})." if alias else \
+        f"Not promoted: below the quality floor ({result.reason}); registered for inspection, without an alias."
     client.update_model_version(reg.model_name, str(version), description=(
         f"llmpipe classifier, fingerprint {classifier.fingerprint}; trained from {lm_version.uri} on labeled data "
-        f"{labeled.fingerprint}.\n\nGate: {alias} ({result.reason})."))
-    client.log_batch(run_id, metrics=_gate_metrics(result))
-    decision = f"version {version} becomes {alias}: {result.reason}"
-    log.info("register: %s version %s; %s", reg.model_name, version, decision)
+        f"{labeled.fingerprint}.\n\n{gate_line}"))
+    client.log_batch(run_id, metrics=_gate_metrics(result, floor))
+    if alias:
+        decision = f"version {version} becomes {alias}: {result.reason}"
+        log.info("register: %s version %s; %s", reg.model_name, version, decision)
+    else:
+        decision = f"version {version} is below the quality floor, so it gets no alias: {result.reason}"
+        log.warning("register: %s version %s; %s", reg.model_name, version, decision)
     mv = client.get_model_version(reg.model_name, str(version))
     return _ref(mv, how == "created", run_id, experiment_id, decision=decision, gate=result.as_dict(),
-                lm_uri=lm_version.uri)
+                floor=floor.as_dict(), below_floor=alias is None, lm_uri=lm_version.uri)
 
 
 def _artifact(root: Path, kind: str, fp: str | None) -> ArtifactRef | None:
@@ -759,12 +829,14 @@ def _report_metrics(cls_report: dict[str, Any], lm_report: dict[str, Any] | None
     return [Metric(k, float(v), now, 0) for k, v in out.items()]
 
 
-def _gate_metrics(result) -> list:
+def _gate_metrics(result, floor) -> list:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = {"gate_candidate": result.candidate_score, "gate_champion": result.champion_score,
-              "gate_delta": result.delta, "gate_p_value": result.p_value}
+    values = {"floor_baseline": floor.champion_score, "floor_p_value": floor.p_value}
+    if result is not floor:
+        values.update({"gate_candidate": result.candidate_score, "gate_champion": result.champion_score,
+                       "gate_delta": result.delta, "gate_p_value": result.p_value})
     return [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None]
 
 
@@ -811,40 +883,28 @@ def predict(model_uri: str, texts: list[str]) -> list[dict[str, Any]]:
 
 
 def read_texts(path: Path, column: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows and texts of a CSV, TSV or JSONL file; errors name the file, line and column."""
+    """Rows and texts of a CSV, TSV or JSONL file; errors name the file, line and column.
+
+    Read by ``tasks.sources.table_rows``, with the labeled-data reader's strict rules and wording (a ragged or
+    unbalanced CSV row, a JSONL row without the column); rows are numbered by their line in the file.
+    """
+    from tasks.sources import Utf8Policy, file_format, table_rows
+
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
-    rows: list[dict[str, Any]] = []
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append(row)
-    elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            if reader.fieldnames is None:
-                raise DataError(f"{path}: empty file; expected a header row with a {column!r} column")
-            if column not in reader.fieldnames:
-                raise DataError(f"{path}: no column {column!r}; columns present: {', '.join(reader.fieldnames)}")
-            rows = list(reader)
-    else:
+    fmt = file_format(path)
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson") or fmt not in ("csv", "tsv", "jsonl"):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .tsv or .jsonl")
+    rows: list[dict[str, Any]] = []
     texts = []
-    first_line = 1 if suffix in (".jsonl", ".ndjson") else 2
-    for i, row in enumerate(rows):
+    for where, row in table_rows(path, fmt, [column], Utf8Policy("fail")):
         value = row.get(column)
         if not isinstance(value, str) or not value.strip():
             problem = "missing" if value is None else "empty" if isinstance(value, str) else f"a {type(value).__name__}"
-            raise DataError(f"{path}: row {i + first_line}: column {column!r} is {problem}; expected text")
+            line = where.rsplit(" ", 1)[-1]  # "row 7" (CSV, TSV) or "line 7" (JSONL): line 7 of the file
+            raise DataError(f"{path}: row {line}: column {column!r} is {problem}; expected text")
+        rows.append(dict(row))
         texts.append(value)
     if not texts:
         raise DataError(f"{path}: no rows to predict")

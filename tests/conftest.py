@@ -15,6 +15,7 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="llmpipe-tests-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as flows.runtime sets it for the CLI
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
@@ -34,8 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLMPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 def tiny_config(workspace: Path, *overrides: str) -> PipelineConfig:
-    """A config small enough that the whole chain runs in seconds."""
+    """A config small enough that the whole chain runs in seconds (its classifier stays at the majority baseline,
+    so it is registered below the quality floor, without an alias)."""
     return load_config("tiny", [f"workspace={workspace}", *overrides])
+
+
+def mini_config(workspace: Path, *overrides: str) -> PipelineConfig:
+    """The smallest config whose classifier clears the quality floor and becomes champion (about 15 s)."""
+    return load_config("mini", [f"workspace={workspace}", *overrides])
 
 
 @pytest.fixture
@@ -137,6 +144,16 @@ def _leaves_process_state_as_found(request, _configured_once):
     changes = state_changes(before, process_state())
     if changes:
         pytest.fail(f"{request.node.nodeid} left process-wide state changed: " + "; ".join(changes), pytrace=False)
+
+
+@pytest.fixture
+def restore_environ():
+    """For a test whose library changes ``os.environ`` on its own (Dask's nanny sets thread and malloc variables
+    for the workers it spawns): the environment is put back exactly afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------- shuffled order

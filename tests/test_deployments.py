@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, mini_config, tiny_config
 from pydantic import BaseModel
 
 from flows import deploy
@@ -264,14 +265,16 @@ def test_deployments_run_on_a_worker_pool(stack: Stack) -> None:
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import PrefectHTTPStatusError
 
-    cfg = tiny_config(stack.root / "ws", "registry.model_name=deployed-model")
-    done = stack.llmpipe("deploy", "--config", "tiny", "--set", f"workspace={stack.root / 'ws'}",
+    cfg = mini_config(stack.root / "ws", "registry.model_name=deployed-model")
+    done = stack.llmpipe("deploy", "--config", "mini", "--set", f"workspace={stack.root / 'ws'}",
                          "--set", "registry.model_name=deployed-model")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "work pools: gpu (created), cpu (created)" in done.stdout
     slot = "gpu-e2e-0"
+    # The operator lets runs keep their workspace under the test's folder (default: ./.llmpipe of the checkout).
     worker_log = stack.start("worker", sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu",
-                             "--name", "e2e-gpu-worker", LLMPIPE_GPU_SLOT=slot)
+                             "--name", "e2e-gpu-worker", LLMPIPE_GPU_SLOT=slot,
+                             LLMPIPE_WORKSPACE_DIRS=str(stack.root / "ws"))
     mlflow = MlflowClient(stack.tracking_uri)
 
     with get_client(sync_client=True) as client:
@@ -299,7 +302,7 @@ def test_deployments_run_on_a_worker_pool(stack: Stack) -> None:
         assert _runs(client, nightly.id, not_any_=["SCHEDULED"]) == []
 
         # A run as the UI's form creates it: the whole config, one field changed.
-        form = tiny_config(stack.root / "ws", "registry.model_name=ui-form-model").model_dump(mode="json")
+        form = mini_config(stack.root / "ws", "registry.model_name=ui-form-model").model_dump(mode="json")
         run = client.create_flow_run_from_deployment(nightly.id, parameters={"config": form})
         assert run.parameters == {"config": form}
         _final(client, run.id, worker_log)
@@ -345,8 +348,9 @@ def test_serve_runs_the_deployments_in_process(stack: Stack) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    log = stack.start("serve", sys.executable, "-m", "flows.cli", "serve", "--config", "tiny",
-                      "--set", f"workspace={stack.root / 'ws'}", "--set", "registry.model_name=served-model")
+    log = stack.start("serve", sys.executable, "-m", "flows.cli", "serve", "--config", "mini",
+                      "--set", f"workspace={stack.root / 'ws'}", "--set", "registry.model_name=served-model",
+                      LLMPIPE_WORKSPACE_DIRS=str(stack.root / "ws"))
     with get_client(sync_client=True) as client:
 
         def served():
@@ -364,3 +368,78 @@ def test_serve_runs_the_deployments_in_process(stack: Stack) -> None:
 
     version = MlflowClient(stack.tracking_uri).get_model_version_by_alias("served-model", "champion")
     assert version.tags["prefect.flow_run_id"] == str(run.id)
+
+
+@pytest.mark.slow
+def test_deployment_runs_may_not_reach_beyond_what_the_operator_allows(stack: Stack) -> None:
+    """Runs created through the API are refused, before any stage, what the worker's operator did not allow; the
+    same config through `llmpipe run` (the operator) trains."""
+    from mlflow import MlflowClient
+
+    from tasks.sample_data import sentiment_dataset
+
+    outside = stack.root / "outside"  # data the operator did not name in LLMPIPE_DATA_DIRS
+    outside.mkdir(exist_ok=True)
+    rows = sentiment_dataset(seed=0, n_train=200, n_validation=40, n_test=40)["train"]
+    train_csv = outside / "train.csv"
+    with open(train_csv, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *((r["text"], r["label"]) for r in rows)])
+    ws = stack.root / "ws-refusals"
+    done = stack.llmpipe("deploy", "--config", "tiny", "--set", f"workspace={ws}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    worker_log = stack.start("worker-cpu", sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu",
+                             "--name", "refusals-cpu-worker", LLMPIPE_WORKSPACE_DIRS=str(ws))
+    worker = stack.procs[-1]
+    try:
+        _refusals(stack, ws, train_csv, worker_log)
+    finally:
+        _stop(worker)  # a cpu worker left running would take the served deployments' runs in the next test
+        stack.procs.remove(worker)
+    assert not (ws / "corpora").exists() and not (stack.root / "elsewhere").exists()
+    assert MlflowClient(stack.tracking_uri).search_registered_models(filter_string="name = 'refused-model'") == []
+
+    # The operator's own command line keeps its freedom: the same data file trains and registers.
+    run = stack.llmpipe("run", "--config", "tiny", "--set", f"workspace={stack.root / 'ws-operator'}",
+                        "--set", "registry.model_name=operator-model", "--set", "labeled.source=files",
+                        "--set", f"labeled.train_path={train_csv}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "models:/operator-model/1 registered" in run.stdout
+
+
+def _refusals(stack: Stack, ws: Path, train_csv: Path, worker_log: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    base = tiny_config(ws, "registry.model_name=refused-model").model_dump(mode="json")
+
+    def with_changes(**sections: dict) -> dict:
+        cfg = json.loads(json.dumps(base))
+        for section, values in sections.items():
+            cfg[section].update(values)
+        return cfg
+
+    cases = {
+        "labeled.train_path": (with_changes(labeled={"source": "files", "train_path": str(train_csv)}),
+                               "LLMPIPE_DATA_DIRS"),
+        "corpus.sources[0].data_files": (with_changes(corpus={"sources": [
+            {"kind": "hub", "name": "csv", "data_files": ["https://203.0.113.9/corpus.csv"]}]}), "LLMPIPE_ALLOW=urls"),
+        "model.trust_remote_code": (with_changes(model={"trust_remote_code": True}), "LLMPIPE_ALLOW=remote_code"),
+        "workspace": ({**base, "workspace": str(stack.root / "elsewhere")}, "LLMPIPE_WORKSPACE_DIRS"),
+    }
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("llm_pipeline/cpu")
+        # The pool's template accepts no override of what the worker starts: the server refuses the run outright.
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            client.create_flow_run_from_deployment(dep.id, job_variables={"command": "touch /tmp/llmpipe-pwned"})
+        assert refused.value.response.status_code == 422 and "command" in refused.value.response.text
+        runs = {field: client.create_flow_run_from_deployment(dep.id, parameters={"config": cfg})
+                for field, (cfg, _) in cases.items()}
+        for field, run in runs.items():
+            final = _until(lambda r=run: (f := client.read_flow_run(r.id)).state.is_final() and f,
+                           f"the refused run for {field}", timeout=300, every=2, log=worker_log)
+            message = final.state.message or ""
+            assert final.state.is_failed(), f"{field}: {final.state}"
+            assert "refused before any stage ran" in message and field in message, message
+            assert cases[field][1] in message, message
+            assert not client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))  # no stage ran

@@ -73,7 +73,7 @@ def test_sigterm_inside_mlflow_sqlite_writes_leaves_the_store_usable(tmp_path: P
 
 
 DEFER = textwrap.dedent("""
-    import json, os, signal
+    import errno, json, os, signal
     from prefect.states import Failed
     from flows.steps import retry_transient
     from tasks import interrupts
@@ -88,7 +88,7 @@ DEFER = textwrap.dedent("""
     interrupts.install((signal.SIGUSR1,))
     interrupts.install((signal.SIGUSR1,))  # idempotent: wrapped once
     out = {"wrapped_once": signal.getsignal(signal.SIGUSR1).llmpipe_wraps is raise_stop,
-           "retry_before": retry_transient(None, None, Failed(data=OSError("disk full")))}
+           "retry_before": retry_transient(None, None, Failed(data=OSError(errno.EIO, "I/O error")))}
     steps = []
     try:
         with interrupts.shielded():
@@ -101,7 +101,7 @@ DEFER = textwrap.dedent("""
         steps.append("stopped at the end of the outer block")
     out["steps"] = steps
     out["terminating"] = interrupts.terminating()
-    out["retry_after"] = retry_transient(None, None, Failed(data=OSError("disk full")))
+    out["retry_after"] = retry_transient(None, None, Failed(data=OSError(errno.EIO, "I/O error")))
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
         for _ in range(10 ** 6):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import mini_config
 
 from flows.cli import main as cli
 from tasks import gate, register
@@ -142,7 +142,7 @@ def build_models(root: Path, *overrides: str) -> Models:
     from tasks.training import set_threads
 
     set_threads(1)
-    cfg = tiny_config(root / "ws", *overrides)
+    cfg = mini_config(root / "ws", *overrides)
     ws = Workspace(cfg.workspace)
     corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
     tok = tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
@@ -238,6 +238,45 @@ def test_registry_config_validates_the_gate_settings() -> None:
     assert load_config(None, ["registry.model_name=m"]).registry.lm_name == "m-lm"
 
 
+@pytest.mark.parametrize("test", ["bootstrap", "mcnemar"])
+def test_the_quality_floor_needs_a_significant_win_over_the_baselines(tmp_path: Path, test: str) -> None:
+    """The floor a version must clear before it can be champion: the majority class always, TF-IDF + LR on
+    request; the gate's test at a fixed alpha that no run parameter changes (registry.alpha=0.9 here)."""
+    from tasks import ingest
+    from tasks.config import RegistryConfig
+    from tasks.sample_data import sentiment_dataset
+
+    data = sentiment_dataset(seed=3, n_train=200, n_validation=40, n_test=60)
+    paths = {}
+    for split, rows in data.items():
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labeled = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(paths["train"]),
+                                                  validation_path=str(paths["validation"]),
+                                                  test_path=str(paths["test"])), Workspace(tmp_path / "ws"))
+    _, y_true, label2id = register.held_out_split(labeled)
+    y_true = np.array(y_true)
+    reg = RegistryConfig(significance_test=test, alpha=0.9)
+    majority_like = np.zeros_like(y_true)  # one class for every row, as the majority baseline predicts
+    result, baseline = register.quality_floor(reg, labeled, majority_like)
+    assert not result.promote and baseline == "majority" and result.alpha == gate.FLOOR_ALPHA
+    assert "the majority baseline" in result.reason
+    near_perfect = y_true.copy()
+    near_perfect[:3] = 1 - near_perfect[:3]
+    result, baseline = register.quality_floor(reg, labeled, near_perfect)
+    assert result.promote and baseline == "majority" and result.p_value < gate.FLOOR_ALPHA
+
+    # Asked for, TF-IDF + LR is a second, higher floor: a model right on 70% of the rows clears the majority
+    # class but not TF-IDF + LR, which gets most of these reviews right.
+    tfidf = reg.model_copy(update={"baseline_floor": "tfidf_logreg"})
+    fair = y_true.copy()
+    fair[: int(0.3 * len(fair))] = 1 - fair[: int(0.3 * len(fair))]
+    assert register.quality_floor(reg, labeled, fair)[0].promote
+    result, baseline = register.quality_floor(tfidf, labeled, fair)
+    assert not result.promote and baseline == "tfidf_logreg" and "the tfidf_logreg baseline" in result.reason
+    assert register.quality_floor(tfidf, labeled, y_true)[0].promote
+
+
 # ================================================================ consumers' input checks (fast)
 
 
@@ -259,7 +298,7 @@ def test_predict_file_errors_name_the_file_row_and_column(tmp_path: Path, capsys
     assert f"{jsonl}: row 2: column 'text' is empty" in capsys.readouterr().err
     jsonl.write_text('{"text": "good"}\n{"text": \n')
     assert cli(["predict", "--model", "m@champion", "--input", str(jsonl)]) == 1
-    assert f"{jsonl}:2: not valid JSON" in capsys.readouterr().err
+    assert f"{jsonl}: line 2 is not valid JSON" in capsys.readouterr().err
     assert cli(["predict", "--model", "m@champion", "--input", str(jsonl), "also a text"]) == 2
     assert cli(["predict", "--model", "nonsense", "some text"]) == 1
     assert not list(tmp_path.glob("*.predictions.*"))
@@ -505,20 +544,24 @@ def _rows(models: Models, split: str) -> list[dict]:
 def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_rollback(
         server, models, tmp_path, capsys) -> None:
     """Real models scored from the registry: the classifier A and its head-swapped twin S disagree on every row.
-    Held-out sets picked from real rows make A clearly better (20 vs 2 rows) or S better by one row (10 vs 9)."""
+    Held-out sets of real rows, all of the class the majority baseline does not predict (so it scores 0), make A
+    clearly better (20 vs 2 rows) or S better by one row (10 vs 9). The quality floor comes first: S with 2 right
+    rows does not beat the majority baseline significantly, and gets no alias."""
     from mlflow import MlflowClient
 
     name = "gate-model"
     client = MlflowClient()
-    pool = [r for split in ("train", "validation", "test") for r in _rows(models, split)]
-    labels = sorted({r["label"] for r in pool})
+    train = _rows(models, "train")
+    labels = sorted({r["label"] for r in train})
+    majority = labels[int(np.argmax(np.bincount([labels.index(r["label"]) for r in train])))]
+    pool = [r for split in ("train", "validation", "test") for r in _rows(models, split) if r["label"] != majority]
     a_right = models.predictions(models.classifier, [r["text"] for r in pool]) == \
         np.array([labels.index(r["label"]) for r in pool])
     right = [r for r, ok in zip(pool, a_right, strict=True) if ok]
     wrong = [r for r, ok in zip(pool, a_right, strict=True) if not ok]
-    assert len(right) >= 20 and len(wrong) >= 10, "the tiny classifier should be neither always right nor wrong"
-    clear = _labeled_set(models, tmp_path, "clear", right[:20] + wrong[:2])  # A: 20/22, S: 2/22
-    close = _labeled_set(models, tmp_path, "close", right[:9] + wrong[:10])  # A: 9/19, S: 10/19
+    assert len(right) >= 20 and len(wrong) >= 10, "the mini classifier should be neither always right nor wrong"
+    clear = _labeled_set(models, tmp_path, "clear", right[:20] + wrong[:2])  # A: 20/22, S: 2/22, majority 0/22
+    close = _labeled_set(models, tmp_path, "close", right[:9] + wrong[:10])  # A: 9/19, S: 10/19, majority 0/19
 
     cfg = with_registry(models.cfg, model_name=name, significance_test="mcnemar")
 
@@ -530,8 +573,10 @@ def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_r
     def champion() -> int:
         return int(client.get_model_version_by_alias(name, "champion").version)
 
-    first = submit("gate-s1", True, clear)
+    first = submit("gate-s1", True, close)  # 10 of 19 right where the majority baseline gets none: above the floor
     assert first.version == 1 and champion() == 1 and first.decision.endswith("no champion yet")
+    assert first.floor["candidate_score"] == pytest.approx(10 / 19) and first.floor["champion_score"] == 0
+    assert first.floor["p_value"] < 0.05
 
     better = submit("gate-a", False, clear)
     assert better.version == 2 and champion() == 2 and better.aliases == ["champion"]
@@ -542,10 +587,14 @@ def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_r
     assert tags["llmpipe.gate.decision"] == "champion" and float(tags["llmpipe.gate.p_value"]) < 0.05
     assert "significantly better" in client.get_model_version(name, "2").description
 
+    # 2 right rows against the majority baseline's none is no significant improvement: below the floor.
     worse = submit("gate-s2", True, clear)
-    assert worse.version == 3 and champion() == 2
-    assert int(client.get_model_version_by_alias(name, "challenger").version) == 3
-    assert worse.gate["delta"] < 0 and "not better" in worse.decision
+    assert worse.version == 3 and champion() == 2 and worse.below_floor and worse.aliases == []
+    assert "below the quality floor" in worse.decision and "majority baseline" in worse.decision
+    below = client.get_model_version(name, "3")
+    assert below.tags["llmpipe.gate.decision"] == "below-floor" and not below.aliases
+    assert float(below.tags["llmpipe.floor.p_value"]) >= 0.05 and "llmpipe.gate.p_value" not in below.tags
+    assert "below the quality floor" in below.description
 
     slight = submit("gate-s3", True, close)
     assert slight.version == 4 and champion() == 2

@@ -302,7 +302,8 @@ def _tokenize_flow():
 
 
 @pytest.mark.slow
-def test_shard_map_on_threads_and_on_dask_gives_byte_identical_shards(harness, tmp_path: Path, monkeypatch) -> None:
+def test_shard_map_on_threads_and_on_dask_gives_byte_identical_shards(harness, tmp_path: Path, monkeypatch,
+                                                                      restore_environ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect_dask import DaskTaskRunner
