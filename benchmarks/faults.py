@@ -1,8 +1,10 @@
 """The fault and bad-input matrix: every case run for real, one table, exit 0 only if all behave.
 
-Bad inputs must fail with an error that names the file, row or field, and leave nothing
-half-written. Faults must be survived: retried, resumed, or recovered with at most one checkpoint
-interval of work lost. The last line printed is one JSON object.
+Bad inputs must fail with an error that names the file, row or field (quoting no secret), and leave
+nothing half-written. Faults must be survived: retried, resumed, or recovered with at most one
+checkpoint interval of work lost. Whole `llmpipe run`s go through a real `prefect server` (and a real
+`mlflow server` where the tracking server fails); runs created through the Prefect API meet a real
+worker and must be refused what its operator did not allow. The last line printed is one JSON object.
 
     python benchmarks/faults.py
 """
@@ -32,7 +34,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from tasks.artifacts import Workspace  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.errors import ConfigError, DataError  # noqa: E402
+from tasks.errors import ConfigError, DataError, TrainingDiverged  # noqa: E402
 from tasks.ingest import ingest_corpus, ingest_labeled  # noqa: E402
 from tasks.pretrain import pretrain, pretrain_fingerprint  # noqa: E402
 from tasks.tokenize import open_tokens, tokenize_corpus, train_tokenizer  # noqa: E402
@@ -81,6 +83,285 @@ def prepared(ws: Path, *overrides: str):
 def weights_equal(a, b, exact: bool) -> bool:
     x, y = load_file(str(a.dir / "model.safetensors")), load_file(str(b.dir / "model.safetensors"))
     return all((torch.equal(x[k], y[k]) if exact else torch.allclose(x[k], y[k], atol=1e-5)) for k in x)
+
+
+# ---------------------------------------------------------------------------------------------- real servers
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LLMPIPE_"))}
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+    from tasks.distributed import die_with_parent
+
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class PrefectServer:
+    """``prefect server start`` on a free loopback port; ``env`` points clients (the CLI, workers) at it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{_free_port()}/api"
+        self.env = {**_base_env(), "PREFECT_API_URL": self.url, "PREFECT_HOME": str(root / "client-home"),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> Path:
+        log = self.root / f"{name}.log"
+        self.procs.append(_start(cmd, env, log, cwd))
+        return log
+
+    def __enter__(self) -> PrefectServer:
+        port = self.url.split(":")[-1].split("/")[0]
+        server_env = {**_base_env(), "PREFECT_HOME": str(self.root / "server-home"),
+                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        log = self.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                    "--port", port, "--no-ui"], server_env, self.root)
+        _wait_http(f"{self.url}/health", self.procs[0], log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            _stop(proc)
+
+
+class MlflowServer:
+    """``mlflow server`` on a SQLite store in ``root``; started and stopped at will, the store survives."""
+
+    def __init__(self, root: Path):
+        self.root, self.proc, self.url = root, None, ""
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> str:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+        self.proc = _start(cmd, _base_env(), self.root / "mlflow.log", self.root)
+        _wait_http(f"{self.url}/health", self.proc, self.root / "mlflow.log")
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
+def _cli(server: PrefectServer, cwd: Path, *args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    """``llmpipe ARGS`` in ``cwd`` against the Prefect server, MLflow on ``cwd/mlflow.db`` unless ``env`` says."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    full = {**server.env, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _versions(tracking_uri: str, name: str = "llmpipe-sentiment") -> list:
+    from mlflow import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+    except Exception:  # no store, or no such model yet
+        return []
+
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    text = (proc.stdout + proc.stderr).strip().splitlines()
+    return text[-1][:110] if text else f"exit {proc.returncode}"
+
+
+def pipeline_cases(case: Callable, server: PrefectServer, root: Path) -> None:
+    """Faults of whole `llmpipe run`s (against a real Prefect server) and deployment runs on a real worker."""
+    tiny_run = ("run", "--config", "tiny")
+
+    def enospc(ws: Path):
+        out = _cli(server, ws, *tiny_run, LLMPIPE_FAULT="tokenize:enospc")
+        text = out.stdout + out.stderr
+        retried = "Retry 1/" in text
+        ok = out.returncode == 1 and "No space left on device" in text and not retried and not leftovers(ws)
+        return ok, f"exit {out.returncode}; retried={retried}; ENOSPC reported={'No space left' in text}", \
+            "the run (nothing half-written)"
+
+    case("full disk (ENOSPC) while tokenizing", "fails at once, not retried, nothing half-written", enospc)
+
+    def killed_then_rerun(fault: str, lost: str, check: Callable[[subprocess.CompletedProcess], bool] | None = None):
+        def run(ws: Path):
+            killed = _cli(server, ws, *tiny_run, LLMPIPE_FAULT=fault)
+            if killed.returncode != -signal.SIGKILL:
+                return False, f"not killed: exit {killed.returncode}: {_tail(killed)}", "-"
+            after_kill = len(_versions(f"sqlite:///{ws / 'mlflow.db'}"))
+            again = _cli(server, ws, *tiny_run)
+            versions = _versions(f"sqlite:///{ws / 'mlflow.db'}")
+            decided = [v.tags.get("llmpipe.gate.decision") for v in versions]
+            ok = again.returncode == 0 and len(versions) == 1 and decided[0] is not None
+            ok = ok and (check is None or check(again))
+            return ok, (f"SIGKILL; versions after the kill {after_kill}; rerun exit {again.returncode}, "
+                        f"{len(versions)} version, decision {decided}"), lost
+        return run
+
+    case("kill -9 while tokenizing", "rerun completes, one version",
+         killed_then_rerun("tokenize-shard:kill", "the shard being encoded"))
+    case("kill -9 while fine-tuning", "rerun resumes from its checkpoint, one version",
+         killed_then_rerun("finetune:kill@15", "< 10 steps", lambda out: "resuming from checkpoint at step 10"
+                           in out.stdout + out.stderr))
+    case("kill -9 while registering", "rerun completes the version's gate, still one version",
+         killed_then_rerun("register:kill@1", "the alias decision (the version is reused)"))
+
+    def majority_model(ws: Path):
+        out = _cli(server, ws, *tiny_run)
+        versions = _versions(f"sqlite:///{ws / 'mlflow.db'}")
+        ok = out.returncode == 0 and len(versions) == 1 and not versions[0].aliases and \
+            versions[0].tags.get("llmpipe.gate.decision") == "below-floor" and "WARNING" in out.stdout
+        return ok, (f"registered={len(versions)}; aliases {versions[0].aliases if versions else '-'}; "
+                    f"decision {versions[0].tags.get('llmpipe.gate.decision') if versions else '-'}"), "-"
+
+    case("first model at the majority baseline", "registered without an alias, said plainly", majority_model)
+
+    def mlflow_down_at_start(ws: Path):
+        started = time.time()
+        out = _cli(server, ws, *tiny_run, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
+        ok = out.returncode == 1 and "does not answer" in out.stderr and not (ws / ".llmpipe").exists()
+        return ok, f"exit {out.returncode} after {time.time() - started:.0f}s: {_tail(out)}", "0 bytes (nothing ran)"
+
+    case("MLflow tracking server down at start", "a clear error before any stage", mlflow_down_at_start)
+
+    def mlflow_down_mid_run(ws: Path):
+        mlflow = MlflowServer(ws / "mlflow")
+        env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+        try:
+            url = mlflow.start()
+            ws.mkdir(parents=True, exist_ok=True)
+            full = {**server.env, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), **env}
+            run = subprocess.Popen([sys.executable, "-m", "flows.cli", *tiny_run, "--set", "pretrain.max_steps=600"],
+                                   cwd=ws, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.time() + 600
+            while not list((ws / ".llmpipe" / "checkpoints").glob("*.work")) and time.time() < deadline \
+                    and run.poll() is None:
+                time.sleep(0.2)
+            mlflow.stop()  # the tracking server goes away while the LM trains
+            output = run.communicate(timeout=900)[0]
+            half = len(_versions(f"sqlite:///{ws / 'mlflow' / 'mlflow.db'}"))  # the store, read directly
+            url = mlflow.start()  # back, on the same store
+            again = _cli(server, ws, *tiny_run, "--set", "pretrain.max_steps=600", MLFLOW_TRACKING_URI=url, **env)
+            versions = _versions(url)
+        finally:
+            mlflow.stop()
+        ok = run.returncode == 1 and half == 0 and again.returncode == 0 and len(versions) == 1
+        reason = next((line for line in reversed(output.splitlines()) if "llmpipe:" in line or "Error" in line), "")
+        return ok, (f"exit {run.returncode} ({reason.strip()[:60]}); versions meanwhile {half}; "
+                    f"rerun exit {again.returncode}, {len(versions)} version"), "the failed stage (artifacts reused)"
+
+    case("MLflow tracking server down mid-run", "the run fails clearly, nothing half-registered; rerun completes",
+         mlflow_down_mid_run)
+
+    deployment_cases(case, server, root)
+
+
+def deployment_cases(case: Callable, server: PrefectServer, root: Path) -> None:
+    """Runs created through the Prefect API ask for what the worker's operator did not allow: each is refused."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ws = root / "deployed" / "ws"
+    outside = root / "deployed" / "outside"
+    outside.mkdir(parents=True)
+    (outside / "train.csv").write_text("text,label\n" + "".join(f"review {i},{'ab'[i % 2]}\n" for i in range(40)))
+    deployed = _cli(server, root / "deployed", "deploy", "--config", "tiny", "--set", f"workspace={ws}")
+    server.start("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"],
+                 {**server.env, "LLMPIPE_WORKSPACE_DIRS": str(ws), "PYTHONPATH": str(REPO)}, REPO)
+    worker = server.procs[-1]
+    base = tiny(ws).model_dump(mode="json")
+
+    def changed(section: str, **values) -> dict:
+        cfg = json.loads(json.dumps(base))
+        cfg[section].update(values)
+        return cfg
+
+    with temporary_settings({PREFECT_API_URL: server.url}), get_client(sync_client=True) as client:
+        dep = None if deployed.returncode != 0 else client.read_deployment_by_name("llm_pipeline/cpu")
+
+        def refused(field: str, setting: str, cfg: dict):
+            def run(_: Path):
+                if dep is None:
+                    return False, f"llmpipe deploy failed: {_tail(deployed)}", "-"
+                flow_run = client.create_flow_run_from_deployment(dep.id, parameters={"config": cfg})
+                deadline = time.time() + 300
+                while not (state := client.read_flow_run(flow_run.id).state).is_final() and time.time() < deadline:
+                    time.sleep(1)
+                message = state.message or ""
+                ok = state.is_failed() and "refused before any stage ran" in message and field in message \
+                    and setting in message and not (ws / "corpora").exists()
+                line = next((x.strip() for x in message.splitlines() if x.strip().startswith(field)), message)
+                return ok, f"{state.name}: {line[:100]}", "0 bytes (no stage ran)"
+            return run
+
+        case("deployment run: a path outside the allowed folders", "refused, the reason in the run's state",
+             refused("labeled.train_path", "LLMPIPE_DATA_DIRS",
+                     changed("labeled", source="files", train_path=str(outside / "train.csv"))))
+        case("deployment run: a URL data file", "refused, the reason in the run's state",
+             refused("corpus.sources[0].data_files", "LLMPIPE_ALLOW=urls", changed("corpus", sources=[
+                 {"kind": "hub", "name": "csv", "data_files": ["https://203.0.113.9/corpus.csv"]}])))
+        case("deployment run: trust_remote_code", "refused, the reason in the run's state",
+             refused("model.trust_remote_code", "LLMPIPE_ALLOW=remote_code", changed("model", trust_remote_code=True)))
+
+        def command_override(_: Path):
+            if dep is None:
+                return False, f"llmpipe deploy failed: {_tail(deployed)}", "-"
+            try:
+                client.create_flow_run_from_deployment(dep.id, job_variables={"command": "touch /tmp/llmpipe-pwned"})
+            except PrefectHTTPStatusError as exc:
+                text = exc.response.text
+                ok = exc.response.status_code == 422 and "'command' was unexpected" in text
+                return ok, f"HTTP {exc.response.status_code} at creation: 'command' was unexpected", \
+                    "0 bytes (no run exists)"
+            return False, "the server accepted the run", "-"
+
+        case("deployment run: a job-variable override of command", "refused by the pool's template",
+             command_override)
+    _stop(worker)
 
 
 def main() -> int:
@@ -225,6 +506,94 @@ def main() -> int:
             f"< {cfg.pretrain.checkpoint_every} steps"
 
     case("kill -9 during pretraining", "resume from newest checkpoint, bit-identical", sigkill)
+
+    # ---- tables read strictly, errors that name without quoting
+    case("ragged CSV row (an unquoted comma)", "DataError naming file and line; no row shifted",
+         lambda ws: expect_error(DataError, "line 3: 3 fields, expected 2", labeled_files(
+             ws / "w", write(ws, "ragged.csv", b"text,label\ngood film,pos\ngreat, really great,pos\n" * 1)),
+             ws / "w"))
+    case("unbalanced quote", "DataError naming the line where the field starts",
+         lambda ws: expect_error(DataError, "line 3: a quoted field", labeled_files(
+             ws / "w", write(ws, "quote.csv", b"text,label\nfine,pos\n\"never closed,neg\n" + b"x,pos\n" * 30)),
+             ws / "w"))
+    case("JSONL row without the label key", "DataError naming file, line and key",
+         lambda ws: expect_error(DataError, "line 2: no column 'label'", labeled_files(
+             ws / "w", write(ws, "rows.jsonl", b'{"text": "a", "label": "x"}\n{"text": "b"}\n')), ws / "w"))
+    def secret_in_table(ws: Path):
+        path = write(ws, "settings.env", b"hello,pos\nworld,neg\napi,HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz012345\n")
+        cfg = tiny(ws / "w", "labeled.source=files", f"labeled.train_path={path}", "labeled.has_header=false",
+                   "labeled.text_column=0", "labeled.label_column=1", "labeled.labels=[pos, neg]")
+        try:
+            ingest_labeled(cfg.labeled, Workspace(ws / "w"), cfg.seed)
+        except DataError as exc:
+            ok = "settings.env: row 3" in str(exc) and "hf_abcdefghij" not in str(exc) and not leftovers(ws / "w")
+            return ok, f"DataError: {str(exc)[:110]}", "0 bytes (nothing written)"
+        return False, "no error", "-"
+
+    case("secret in a file read as a table", "error names file and row; the secret is masked", secret_in_table)
+
+    def nan_loss(ws: Path):
+        cfg, w, tok, tokens = prepared(ws / "w", *steps)
+        os.environ["LLMPIPE_FAULT"] = "pretrain:nan@12"
+        try:
+            ok, observed, lost = expect_error(TrainingDiverged, "step 12", lambda: pretrain(
+                tokens, tok, cfg.model, cfg.pretrain, w, cfg.seed), ws / "w")
+        finally:
+            os.environ.pop("LLMPIPE_FAULT")
+        fp = pretrain_fingerprint(tokens, tok, cfg.model, cfg.pretrain, cfg.seed)
+        ok = ok and not w.dir("checkpoints", fp).exists()  # a diverged run never produces a final model
+        return ok, observed, "the run (no model saved)"
+
+    case("NaN loss injected at step 12", "TrainingDiverged naming the step; no model saved", nan_loss)
+
+    def truncated_weights(ws: Path):
+        cfg, w, tok, tokens = prepared(ws / "ref", *steps)
+        reference = pretrain(tokens, tok, cfg.model, cfg.pretrain, w, cfg.seed)
+        cfg, w, tok, tokens = prepared(ws / "w", *steps)
+        damaged = pretrain(tokens, tok, cfg.model, cfg.pretrain, w, cfg.seed)
+        weights = damaged.dir / "model.safetensors"
+        with open(weights, "r+b") as f:  # what a power loss can leave: a complete-looking artifact, short file
+            f.truncate(weights.stat().st_size // 2)
+        import logging
+
+        messages: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("llmpipe").addHandler(handler)
+        try:
+            again = pretrain(tokens, tok, cfg.model, cfg.pretrain, w, cfg.seed)
+        finally:
+            logging.getLogger("llmpipe").removeHandler(handler)
+        warned = any("is damaged (model.safetensors" in m for m in messages)
+        same = weights_equal(reference, again, exact=True)
+        ok = warned and not again.reused and again.fingerprint == damaged.fingerprint and same
+        return ok, f"damage warned={warned}; rebuilt={not again.reused}; bit-identical to a clean run={same}", \
+            "the stage (rebuilt)"
+
+    case("truncated weight file in a complete artifact", "detected on reuse, warned, rebuilt", truncated_weights)
+
+    def finetune_oom(ws: Path):
+        from tasks.finetune import finetune
+
+        cfg, w, tok, tokens = prepared(ws / "w", "finetune.max_steps=12", "finetune.checkpoint_every=4")
+        lm = pretrain(tokens, tok, cfg.model, cfg.pretrain, w, cfg.seed)
+        labeled = ingest_labeled(cfg.labeled, w, cfg.seed)
+        reference = finetune(lm, labeled, cfg.finetune, Workspace(ws / "ref"), cfg.seed)
+        os.environ["LLMPIPE_FAULT"] = "finetune:oom@6"
+        try:
+            done = finetune(lm, labeled, cfg.finetune, w, cfg.seed)
+        finally:
+            os.environ.pop("LLMPIPE_FAULT")
+        ok = (done.meta["micro_batch"], done.meta["grad_accum_steps"]) == (4, 2) and \
+            done.fingerprint == reference.fingerprint and weights_equal(reference, done, exact=False)
+        return ok, (f"micro-batch {done.meta['micro_batch']} x {done.meta['grad_accum_steps']}, resumed from "
+                    f"{done.meta['resumed_from']}, weights within 1e-5={ok}"), f"{6 - 1 - done.meta['resumed_from']} steps"
+
+    case("fine-tuning out of memory at step 6", "halve micro-batch, double accumulation, resume", finetune_oom)
+
+    # ---- the whole pipeline through the command line, deployment runs on a real server and worker
+    with PrefectServer(root / "prefect") as server:
+        pipeline_cases(case, server, root)
 
     width = max(len(r["case"]) for r in rows)
     print(f"{'case':<{width}}  {'ok':<4} {'expected':<48} {'lost':<26} observed")

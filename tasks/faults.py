@@ -13,7 +13,8 @@
   - ``nan``: the loss of training step ``STEP`` becomes NaN (its gradients too), so the engine's finite check
     skips the step or stops training (``max_skipped_steps``); needs ``@STEP``;
 
-- ``@STEP`` fires at that training step instead of at the start of the stage.
+- ``@STEP`` fires at that training step instead of at the start of the stage; for ``register``, ``@1`` fires
+  after the classifier's model version exists and before the gate gives it an alias.
 
 Each rule fires at most once per process, so a retry in the same process succeeds (and a skipped step that
 is tried again on the next batch is not poisoned twice). An unknown kind, or ``nan`` without a step, is a

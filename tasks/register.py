@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasks import interrupts
+from tasks import faults, interrupts
 from tasks.artifacts import (
     MANIFEST,
     ArtifactRef,
@@ -615,8 +615,8 @@ def run_gate(client, reg: RegistryConfig, name: str, version: int, labeled: Labe
     except ValueError as exc:
         return gate.GateResult(promote=False, reason=f"not comparable: {exc}", rows=len(texts),
                                champion_version=int(champion.version), **common), champion
-    result = gate.compare(np.array(y_true), candidate, champ, samples=reg.bootstrap_samples, seed=seed,
-                          champion_version=int(champion.version), **common)
+    result = gate.compare(np.array(y_true), candidate, champ, n_labels=len(label2id), samples=reg.bootstrap_samples,
+                          seed=seed, champion_version=int(champion.version), **common)
     return result, champion
 
 
@@ -777,6 +777,7 @@ def log_and_register(
         return _ref(mv, False, run_id, experiment_id, gate=gate_info or None, lm_uri=lm_version.uri,
                     below_floor=mv.tags.get(DECISION_TAG) == BELOW_FLOOR,
                     decision=f"identical model already registered as version {version} ({why})")
+    faults.check("register", 1)  # LLMPIPE_FAULT=register:kill@1: the version exists, its alias is not decided
     alias, result, floor = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed)
     for key, value in _gate_tags(alias, result, floor).items():
         client.set_model_version_tag(reg.model_name, str(version), key, value)

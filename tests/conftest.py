@@ -41,7 +41,7 @@ def tiny_config(workspace: Path, *overrides: str) -> PipelineConfig:
 
 
 def mini_config(workspace: Path, *overrides: str) -> PipelineConfig:
-    """The smallest config whose classifier clears the quality floor and becomes champion (about 15 s)."""
+    """The smallest config whose classifier clears the quality floor and becomes champion (about 20 s)."""
     return load_config("mini", [f"workspace={workspace}", *overrides])
 
 

@@ -64,7 +64,7 @@ def test_llm_pipeline_registers_a_loadable_champion(harness, tmp_path: Path, mon
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
     # Only fine-tuning changed: upstream reused, version 2, champion moves only if it scores better.
-    changed = llm_pipeline(mini_config(tmp_path / "ws", f"registry.model_name={name}", "finetune.max_steps=130"))
+    changed = llm_pipeline(mini_config(tmp_path / "ws", f"registry.model_name={name}", "finetune.max_steps=250"))
     assert changed.pretrain.lm.reused and changed.pretrain.tokens.reused
     assert not changed.finetune.classifier.reused
     assert changed.finetune.model_version.version == 2
