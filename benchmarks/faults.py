@@ -522,7 +522,7 @@ def main() -> int:
     def secret_in_table(ws: Path):
         path = write(ws, "settings.env", b"hello,pos\nworld,neg\napi,HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz012345\n")
         cfg = tiny(ws / "w", "labeled.source=files", f"labeled.train_path={path}", "labeled.has_header=false",
-                   "labeled.text_column=0", "labeled.label_column=1", "labeled.labels=[pos, neg]")
+                   "labeled.text_column='0'", "labeled.label_column=1", "labeled.labels=[pos, neg]")
         try:
             ingest_labeled(cfg.labeled, Workspace(ws / "w"), cfg.seed)
         except DataError as exc:
