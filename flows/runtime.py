@@ -1,4 +1,4 @@
-"""Embedded defaults for running without any server: Prefect's local API and MLflow on SQLite.
+"""Embedded defaults for running without any server: Prefect's local API and MLflow on SQLite; quiet libraries.
 
 Must run before ``prefect`` or ``mlflow`` is imported; anything already set in the environment wins.
 """
@@ -11,7 +11,11 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+
+from tasks.errors import LlmpipeError
+from tasks.redact import redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -27,8 +31,38 @@ def profile_api_url() -> str | None:
     return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
 
 
-def configure(workspace: str | Path) -> dict[str, str]:
-    """Point Prefect's home into the workspace, switch analytics off, default MLflow to ``./mlflow.db``.
+# Library output that is for developers, not for someone running the pipeline: off unless ``--verbose``.
+QUIET = {
+    "TRANSFORMERS_VERBOSITY": "error",  # load reports and advice on every from_pretrained
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Started monitoring system metrics", "Creating initial MLflow database ..."
+}
+# Progress bars of libraries: they would tear the live display, and write carriage returns into logs.
+NO_PROGRESS_BARS = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def library_output(verbose: bool = False, live: bool = False, terminal: bool = False) -> None:
+    """Environment defaults for what libraries print: no progress bars of their own, no INFO chatter unless
+    ``verbose``; on a live display (``live``) Prefect's console shows warnings and errors only (every record
+    still reaches the Prefect API and UI); off a terminal no colours."""
+    defaults = dict(NO_PROGRESS_BARS)
+    if not verbose:
+        defaults.update(QUIET)
+        if live:
+            defaults["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+    if not terminal:
+        defaults["PREFECT_LOGGING_COLORS"] = "false"
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def configure(workspace: str | Path, verbose: bool = False, live: bool = False,
+              terminal: bool = False) -> dict[str, str]:
+    """Point Prefect's home into the workspace, switch analytics off, default MLflow to ``./mlflow.db``, and
+    set what libraries print (``library_output``).
 
     A Prefect server the user chose, in the environment or the active profile, is kept: then
     Prefect's home stays where it is.
@@ -39,16 +73,45 @@ def configure(workspace: str | Path) -> dict[str, str]:
         "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(Path.home() / ".prefect")) if uses_server
         else str(ws / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",  # Prefect's client-side analytics too (and its first-run notice on a terminal)
         # The temporary local API takes 15-40 s to start on a small, busy machine; 20 s is too tight.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "MLFLOW_TRACKING_URI": DEFAULT_TRACKING_URI,
-        "TRANSFORMERS_VERBOSITY": "error",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    library_output(verbose, live, terminal)
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return {k: os.environ[k] for k in defaults}
+
+
+class NoRegistry(LlmpipeError):
+    """No MLflow store where ``llmpipe run`` would have written one; ``where`` says where it looked."""
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(f"no MLflow registry found: {where}; run llmpipe run here first or set MLFLOW_TRACKING_URI")
+
+
+def find_registry(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+    """The tracking URI of the MLflow store ``llmpipe run`` in ``cwd`` writes to: ``MLFLOW_TRACKING_URI``, else
+    ``./mlflow.db`` (``DEFAULT_TRACKING_URI``), as an absolute URI; ``NoRegistry`` when that store, or the one
+    ``MLFLOW_REGISTRY_URI`` names, does not exist. Nothing is created: MLflow's SQLite and file stores would
+    create themselves, empty, on first use."""
+    from tasks.gc import existing_store, find_tracking_uri
+
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    uri = find_tracking_uri(dict(environ), cwd)
+    registry = environ.get("MLFLOW_REGISTRY_URI", "").strip()
+    if uri is not None and registry and not existing_store(registry):
+        raise NoRegistry(f"MLFLOW_REGISTRY_URI={redact(registry)} names no existing store")
+    if uri is not None:
+        return uri
+    env_uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env_uri:
+        raise NoRegistry(f"MLFLOW_TRACKING_URI={redact(env_uri)} names no existing store (looked in {cwd.resolve()})")
+    raise NoRegistry(f"MLFLOW_TRACKING_URI is not set and ./mlflow.db does not exist (looked in {cwd.resolve()})")
 
 
 def prepare_backends(workspace: str | Path) -> None:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prefect import task
+from prefect import task, unmapped
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -27,6 +27,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run, task_run
 from prefect.utilities.timeout import timeout as prefect_timeout
 
+from flows import progress
 from tasks import evaluate, faults, finetune, ingest, interrupts, policy, pretrain, register, tokenize
 from tasks.artifacts import (
     ArtifactRef,
@@ -213,10 +214,28 @@ def _time_limit(name: str, cfg: PipelineConfig) -> tuple[float, str]:
     return cfg.runtime.stage_timeout(name, train), setting
 
 
+def _shown(name: str, fn: Callable) -> Callable:
+    """Report the stage to the live progress display of ``llmpipe run`` (``flows/progress.py``; nothing listens
+    elsewhere): started, then finished, reused or failed."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        progress.stage_started(name)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            progress.stage_finished(name, ok=False)
+            raise
+        progress.stage_finished(name, ok=True, reused=bool(getattr(result, "reused", False)))
+        return result
+
+    return wrapper
+
+
 def _task(name: str, retries: int = 2, **kw: Any) -> Callable:
     # The workspace is the cache (content-addressed, shared across runs), so Prefect's own is off.
     def decorate(fn: Callable) -> Any:
-        body = _tracked(name, fn) if name in TRACKED else fn
+        body = _shown(name, _tracked(name, fn) if name in TRACKED else fn)
 
         @functools.wraps(body)
         def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -244,13 +263,15 @@ def _workspace(cfg: PipelineConfig) -> Workspace:
     return Workspace(cfg.workspace)
 
 
-def _progress(title: str) -> Callable[[int, int, dict[str, float]], None]:
-    """A Prefect progress artifact updated as training advances, and live metrics in the stage's MLflow run."""
+def _progress(title: str, stage: str) -> Callable[[int, int, dict[str, float]], None]:
+    """A Prefect progress artifact updated as training advances, live metrics in the stage's MLflow run, and the
+    stage's row of the live progress display."""
     artifact_id = create_progress_artifact(progress=0.0, description=title)
     logger = get_run_logger()
     run_id = _STAGE_RUN.get()
 
     def update(step: int, total: int, row: dict[str, float]) -> None:
+        progress.stage_advanced(stage, step, total, row)  # never raises
         try:
             if run_id:
                 register.log_live_metrics(run_id, step, row)
@@ -297,8 +318,8 @@ def plan_tokenize(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: TokenizerRe
 
 
 @_task("tokenize-shard")
-def tokenize_shard(shard: tokenize.ShardSpec) -> tokenize.ShardResult:
-    return tokenize.encode_shard(shard)
+def tokenize_shard(cfg: PipelineConfig, shard: tokenize.ShardSpec) -> tokenize.ShardResult:
+    return tokenize.encode_shard(shard)  # cfg: the run's settings, the stage time limit among them
 
 
 @_task("tokenize")
@@ -314,7 +335,7 @@ def tokenize_corpus(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: Tokenizer
     cluster with ``prefect_dask.DaskTaskRunner`` (the workspace must then be on storage every worker sees).
     """
     plan = plan_tokenize(cfg, corpus, tokenizer)
-    shards = tokenize_shard.with_options(timeout_seconds=cfg.runtime.stage_timeout("tokenize-shard")).map(plan.shards)
+    shards = tokenize_shard.map(unmapped(cfg), plan.shards)
     return pack_tokens(cfg, corpus, tokenizer, plan, shards)
 
 
@@ -322,18 +343,24 @@ def tokenize_corpus(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: Tokenizer
 def pretrain_lm(cfg: PipelineConfig, tokens: TokensRef, tokenizer: TokenizerRef) -> CheckpointRef:
     set_threads(cfg.runtime.threads)
     ref = pretrain.pretrain(tokens, tokenizer, cfg.model, cfg.pretrain, _workspace(cfg), cfg.seed,
-                            on_progress=_progress("pretraining"))
-    curve = ref.dir / "loss_curve.png"
-    if curve.is_file():
-        m = ref.meta
-        create_markdown_artifact(
-            key="pretrain-loss-curve",
-            markdown=(f"## Pretraining\n\n{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, "
-                      f"{m['tokens_seen']:,} tokens, stopped by {m.get('stop_reason', 'max_steps')}\n\n"
-                      f"![loss curve](data:image/png;base64,{base64.b64encode(curve.read_bytes()).decode()})"),
-            description="Pretraining loss curve",
-        )
+                            on_progress=_progress("pretraining", "pretrain"))
+    m = ref.meta
+    _curve_artifact(ref, "loss_curve.png", "pretrain-loss-curve", "Pretraining loss curve",
+                    f"## Pretraining\n\n{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, "
+                    f"{m['tokens_seen']:,} tokens, stopped by {m.get('stop_reason', 'max_steps')}")
     return ref
+
+
+def _curve_artifact(ref: CheckpointRef, image: str, key: str, description: str, heading: str) -> None:
+    """A training curve of the artifact as a Prefect markdown artifact; none for an artifact built before the
+    stage drew one."""
+    curve = ref.dir / image
+    if curve.is_file():
+        create_markdown_artifact(
+            key=key, description=description,
+            markdown=f"{heading}\n\n![{description}](data:image/png;base64,"
+                     f"{base64.b64encode(curve.read_bytes()).decode()})",
+        )
 
 
 @_task("evaluate-lm")
@@ -356,9 +383,14 @@ def evaluate_lm(cfg: PipelineConfig, lm: CheckpointRef, tokens: TokensRef) -> Re
 def finetune_classifier(cfg: PipelineConfig, lm: CheckpointRef, labeled: LabeledRef) -> CheckpointRef:
     set_threads(cfg.runtime.threads)
     ref = finetune.finetune(lm, labeled, cfg.finetune, _workspace(cfg), cfg.seed,
-                            on_progress=_progress("fine-tuning"))
+                            on_progress=_progress("fine-tuning", "finetune"))
     create_markdown_artifact(key="finetune-summary", markdown=finetune.summary_markdown(ref.meta),
                              description="Fine-tuning: method, parameters trained, stop and the weights kept")
+    m = ref.meta
+    _curve_artifact(ref, finetune.CURVE_FILE, "finetune-training-curve",
+                    "Fine-tuning curve: training loss and validation scores by step",
+                    f"## Fine-tuning\n\n{m.get('steps')} steps, stopped by {m.get('stop_reason', 'max_steps')}; "
+                    f"weights kept from step {m.get('kept_step')}")
     return ref
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, fingerprint, write_json
 from tasks.config import FinetuneConfig
+from tasks.curves import plot_curve
 from tasks.errors import ConfigError, DataError
 from tasks.evaluate import classification_metrics
 from tasks.ingest import load_id2label, load_split
@@ -47,6 +48,7 @@ STAGE_VERSION = "finetune-3"
 OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels",
                 "batch_size", "grad_accum_steps"}
 BEST_FILE = "best.safetensors"
+CURVE_FILE = "training_curve.png"  # train loss and validation scores by step
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -367,8 +369,8 @@ def finetune(
 ) -> CheckpointRef:
     """Fine-tune a sequence classifier from the pipeline's LM ``lm`` (or ``cfg.init_from``) on ``labeled``.
 
-    The artifact is a ``save_pretrained`` classifier (LoRA merged in) with its tokenizer, ``training.json``
-    and, for LoRA, the adapter and head under ``adapter/``.
+    The artifact is a ``save_pretrained`` classifier (LoRA merged in) with its tokenizer, ``training.json``,
+    ``training_curve.png`` and, for LoRA, the adapter and head under ``adapter/``.
     """
     if cfg.init_from:
         _check_source(cfg.init_from)
@@ -444,6 +446,9 @@ def finetune(
         model.to("cpu").save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
         write_json(out / "training.json", {"history": result.history, "evals": result.evals})
+        plot_curve(out / CURVE_FILE, result.history, result.evals,
+                   {"val_macro_f1": "validation macro-F1", "val_accuracy": "validation accuracy"}, "validation score",
+                   kept.get("step"))
         log.info("finetune: stopped at step %d (%s); kept the weights of step %s (validation macro-F1 %s)",
                  result.steps, result.stop_reason, kept.get("step"), kept.get("val_macro_f1"))
         return {"task": "text-classification", "id2label": {str(k): v for k, v in id2label.items()},

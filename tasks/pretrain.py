@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
 from tasks.config import ModelConfig, PretrainConfig
+from tasks.curves import plot_curve
 from tasks.errors import ConfigError, DataError
 from tasks.kernels import next_token_loss
 from tasks.tokenize import open_tokens
@@ -212,27 +213,8 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
                 shutil.copy2(f, out / f.name)
         write_json(out / "training.json", {"history": result.history, "evals": result.evals})
         write_json(out / "train_meta.json", meta)
-        _loss_curve(result.history, result.evals, out / "loss_curve.png")
+        plot_curve(out / "loss_curve.png", result.history, result.evals, {"val_loss": "validation loss"})
     return meta
-
-
-def _loss_curve(history: list[dict], evals: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def pretrain(

@@ -300,7 +300,7 @@ def test_predict_file_errors_name_the_file_row_and_column(tmp_path: Path, capsys
     assert cli(["predict", "--model", "m@champion", "--input", str(jsonl)]) == 1
     assert f"{jsonl}: line 2 is not valid JSON" in capsys.readouterr().err
     assert cli(["predict", "--model", "m@champion", "--input", str(jsonl), "also a text"]) == 2
-    assert cli(["predict", "--model", "nonsense", "some text"]) == 1
+    assert cli(["predict", "--model", "nonsense", "some text"]) == 2  # a usage error
     assert not list(tmp_path.glob("*.predictions.*"))
 
 
