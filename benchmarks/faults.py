@@ -23,22 +23,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from tasks.artifacts import Workspace
+from tasks.config import load_config
+from tasks.errors import ConfigError, DataError, TrainingDiverged
+from tasks.ingest import ingest_corpus, ingest_labeled
+from tasks.pretrain import pretrain, pretrain_fingerprint
+from tasks.tokenize import open_tokens, tokenize_corpus, train_tokenizer
+from tasks.training import list_checkpoints, set_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parent.parent
-# The repository, not this folder, on the path: benchmarks/tokenize.py must not shadow the standard library.
-sys.path[0] = str(REPO)
-
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from tasks.artifacts import Workspace  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.errors import ConfigError, DataError, TrainingDiverged  # noqa: E402
-from tasks.ingest import ingest_corpus, ingest_labeled  # noqa: E402
-from tasks.pretrain import pretrain, pretrain_fingerprint  # noqa: E402
-from tasks.tokenize import open_tokens, tokenize_corpus, train_tokenizer  # noqa: E402
-from tasks.training import list_checkpoints, set_threads  # noqa: E402
 
 
 def tiny(ws: Path, *overrides: str):

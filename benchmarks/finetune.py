@@ -25,27 +25,25 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The repository root in place of benchmarks/, whose tokenize.py would shadow the standard library's.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tasks.artifacts import Workspace  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.finetune import (  # noqa: E402
+from tasks.artifacts import Workspace
+from tasks.config import load_config
+from tasks.finetune import (
     ClassificationBatches,
     classification_loss,
     encode_texts,
     load_classifier,
     load_tokenizer,
 )
-from tasks.ingest import ingest_corpus  # noqa: E402
-from tasks.pretrain import build_lm  # noqa: E402
-from tasks.tokenize import train_tokenizer  # noqa: E402
-from tasks.training import train  # noqa: E402
+from tasks.ingest import ingest_corpus
+from tasks.pretrain import build_lm
+from tasks.tokenize import train_tokenizer
+from tasks.training import train
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2" / "train.tsv"
 MAX_LENGTH = 128  # run_glue.py's max_seq_length

@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from tasks.config import load_config
+from tasks.pretrain import BlockBatches, build_lm, flops_per_token, lm_loss
+from tasks.training import measure_peak_flops, train
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The repository, not this folder, on the path: benchmarks/tokenize.py must not shadow the standard library.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tasks.config import load_config  # noqa: E402
-from tasks.pretrain import BlockBatches, build_lm, flops_per_token, lm_loss  # noqa: E402
-from tasks.training import measure_peak_flops, train  # noqa: E402
 
 VOCAB = 50257
 

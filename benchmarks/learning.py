@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tasks.artifacts import Workspace
+from tasks.config import load_config
+from tasks.evaluate import evaluate_lm
+from tasks.ingest import ingest_corpus
+from tasks.pretrain import pretrain
+from tasks.tokenize import tokenize_corpus, train_tokenizer
+from tasks.training import set_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parent.parent
-# The repository, not this folder, on the path: benchmarks/tokenize.py must not shadow the standard library.
-sys.path[0] = str(REPO)
-
-import logging  # noqa: E402  (after the path fix: logging imports the standard tokenize)
-
-from tasks.artifacts import Workspace  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.evaluate import evaluate_lm  # noqa: E402
-from tasks.ingest import ingest_corpus  # noqa: E402
-from tasks.pretrain import pretrain  # noqa: E402
-from tasks.tokenize import tokenize_corpus, train_tokenizer  # noqa: E402
-from tasks.training import set_threads  # noqa: E402
 
 
 def main() -> None:

@@ -22,25 +22,22 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from tasks.artifacts import Workspace
+from tasks.config import PipelineConfig
+from tasks.ingest import ingest_corpus
+from tasks.pretrain import BlockBatches, build_lm, flops_per_token, lm_loss
+from tasks.tokenize import open_tokens, tokenize_corpus, train_tokenizer
+from tasks.training import measure_peak_flops, train
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# The repository, not this folder, on the path: benchmarks/tokenize.py must not shadow the standard library.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tasks.artifacts import Workspace  # noqa: E402
-from tasks.config import PipelineConfig  # noqa: E402
-from tasks.ingest import ingest_corpus  # noqa: E402
-from tasks.pretrain import BlockBatches, build_lm, flops_per_token, lm_loss  # noqa: E402
-from tasks.tokenize import open_tokens, tokenize_corpus, train_tokenizer  # noqa: E402
-from tasks.training import measure_peak_flops, train  # noqa: E402
 
 
 def peak_flops() -> float:

@@ -1,4 +1,3 @@
-# ruff: noqa: E402 (the import path is fixed before the imports)
 """Benchmark: the tokenize stage against the run_clm.py recipe, and its memory on a 200 MB corpus.
 
 On the same text (Tiny Shakespeare repeated 8 times, one document per paragraph) and with the same
@@ -14,29 +13,25 @@ Peak memory is sampled (RSS of this process plus its worker processes) while eac
 corpus of about 200 MB (Tiny Shakespeare repeated, no deduplication) is ingested in one fresh process
 and tokenized with 2 workers in another, each reporting its peak RSS (``ru_maxrss``).
 
-    python benchmarks/tokenize.py [--repeat 8] [--corpus-mb 200] [--vocab 8192]
+    python benchmarks/tokenization.py [--repeat 8] [--corpus-mb 200] [--vocab 8192]
 
 Progress goes to stderr; the last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file is named like the standard library's ``tokenize``: take its folder off the import path first.
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-
 import argparse
 import json
 import os
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 from itertools import chain
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("LLMPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 BLOCK = 1024
 
