@@ -29,14 +29,9 @@ import numpy as np
 import torch
 
 from tasks.artifacts import Workspace
+from tasks.classifier import encode_texts, load_classifier, load_tokenizer
 from tasks.config import load_config
-from tasks.finetune import (
-    ClassificationBatches,
-    classification_loss,
-    encode_texts,
-    load_classifier,
-    load_tokenizer,
-)
+from tasks.finetune import ClassificationBatches, classification_loss
 from tasks.ingest import ingest_corpus
 from tasks.pretrain import build_lm
 from tasks.tokenize import train_tokenizer

@@ -22,9 +22,11 @@ from tasks.artifacts import (
     fingerprint,
     write_json,
 )
+from tasks.classifier import encode_texts, predict_proba
 from tasks.config import EvaluateConfig
 from tasks.errors import DataError
 from tasks.ingest import load_id2label, load_split
+from tasks.metrics import calibration, classification_metrics
 from tasks.tokenize import open_tokens
 
 log = logging.getLogger("llmpipe")
@@ -148,48 +150,6 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
 # ---------------------------------------------------------------------------------------------- classifier metrics
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows: true, columns: predicted).
-
-    A class never predicted has precision 0, one absent from ``y_true`` recall 0 (scikit-learn's
-    ``zero_division=0``); macro-F1 averages over every label.
-    """
-    k = len(labels)
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    tp = np.diag(cm).astype(np.float64)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros(k), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros(k), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    return {
-        "accuracy": float(tp.sum() / max(1, cm.sum())),
-        "macro_f1": float(f1.mean()),
-        "per_class": {labels[i]: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                                  "support": int(cm[i].sum())} for i in range(k)},
-        "confusion_matrix": cm.tolist(),
-    }
-
-
-def calibration(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> dict[str, Any]:
-    """Expected calibration error of the top-label confidence over equal-width bins (lo, hi].
-
-    ECE = sum over bins of (rows in bin / rows) x |accuracy in bin - mean confidence in bin|.
-    """
-    confidence = proba.max(axis=1).astype(np.float64)
-    correct = (proba.argmax(axis=1) == np.asarray(y_true)).astype(np.float64)
-    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        in_bin = which == b
-        n = int(in_bin.sum())
-        if not n:
-            continue
-        acc, conf = float(correct[in_bin].mean()), float(confidence[in_bin].mean())
-        ece += n / len(confidence) * abs(acc - conf)
-        table.append({"low": b / bins, "high": (b + 1) / bins, "rows": n, "accuracy": acc, "confidence": conf})
-    return {"ece": ece, "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0, "bins": table}
-
-
 def confident_mistakes(texts: list[str], y_true: np.ndarray, proba: np.ndarray, labels: list[str],
                        n: int) -> list[dict[str, Any]]:
     """The ``n`` wrong predictions made with the highest confidence, most confident first."""
@@ -272,8 +232,6 @@ def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateCo
     ``comparison`` table; ``confusion_matrix.png`` plots the model's confusion matrix.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tasks.finetune import encode_texts, predict_proba
 
     settings = cfg.model_dump(include={"batch_size", "calibration_bins", "confident_mistakes"})
     fp = fingerprint(STAGE_VERSION, "cls", clf.fingerprint, labeled.fingerprint, settings, max_length, seed)

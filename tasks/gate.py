@@ -17,26 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from tasks.metrics import SCORES
+
 # The significance level of the quality floor: a version must beat the baselines at least this clearly before it can
 # become champion. Fixed here, not a run parameter, so that no run can loosen it.
 FLOOR_ALPHA = 0.05
-
-
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
-    return float((y_true == y_pred).mean()) if len(y_true) else 0.0
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
-    """Macro-F1 over ``n_labels`` classes (a class absent from both truth and prediction scores 0, as in evaluate)."""
-    tp = np.bincount(y_true[y_true == y_pred], minlength=n_labels).astype(np.float64)
-    pred = np.bincount(y_pred, minlength=n_labels).astype(np.float64)
-    true = np.bincount(y_true, minlength=n_labels).astype(np.float64)
-    denom = pred + true
-    f1 = np.divide(2 * tp, denom, out=np.zeros(n_labels), where=denom > 0)
-    return float(f1.mean())
-
-
-METRICS = {"accuracy": accuracy, "macro_f1": macro_f1}
 
 
 def mcnemar_p(candidate_correct: np.ndarray, champion_correct: np.ndarray) -> tuple[float, dict[str, int]]:
@@ -55,7 +40,7 @@ def bootstrap_p(y_true: np.ndarray, candidate: np.ndarray, champion: np.ndarray,
 
     ``(1 + count) / (1 + samples)``, so it is never exactly zero.
     """
-    fn = METRICS[metric]
+    fn = SCORES[metric]
     rng = np.random.default_rng(seed)
     n = len(y_true)
     not_better = 0
@@ -100,9 +85,9 @@ def compare(y_true: np.ndarray, candidate: np.ndarray, champion: np.ndarray, *, 
         raise ValueError(f"paired predictions differ in length: {len(y_true)}, {len(candidate)}, {len(champion)}")
     if len(y_true) == 0:
         raise ValueError("the gate needs at least one test row")
-    if metric not in METRICS:
-        raise ValueError(f"unknown gate metric {metric!r}; expected one of {sorted(METRICS)}")
-    fn = METRICS[metric]
+    if metric not in SCORES:
+        raise ValueError(f"unknown gate metric {metric!r}; expected one of {sorted(SCORES)}")
+    fn = SCORES[metric]
     cand, champ = fn(y_true, candidate, n_labels), fn(y_true, champion, n_labels)
     delta = cand - champ
     details = None

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 from test_finetune import build_tiny_bert, write_labeled_csvs
 
-from tasks import evaluate, ingest, pretrain, tokenize
+from tasks import evaluate, ingest, metrics, pretrain, tokenize
 from tasks.artifacts import CheckpointRef, Workspace
 from tasks.errors import DataError
 from tasks.training import set_threads
@@ -32,7 +32,7 @@ def test_metrics_equal_scikit_learns_on_fixed_predictions() -> None:
     labels = ["a", "b", "c", "d"]  # "c" is never predicted, "d" never occurs
     y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 1, 1])
     y_pred = np.array([0, 1, 0, 1, 3, 0, 1, 1, 0, 0, 1, 3])
-    ours = evaluate.classification_metrics(y_true, y_pred, labels)
+    ours = metrics.classification_metrics(y_true, y_pred, labels)
     ids = list(range(4))
     assert ours["accuracy"] == accuracy_score(y_true, y_pred)
     assert ours["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0),
@@ -49,12 +49,12 @@ def test_expected_calibration_error_by_hand() -> None:
     proba = np.array([[0.92, 0.08], [0.81, 0.19], [0.27, 0.73], [0.34, 0.66], [0.45, 0.55]])
     # Confidences 0.92, 0.81, 0.73, 0.66, 0.55: right, wrong, right, wrong, right. With 2 bins all five sit in
     # (0.5, 1]: accuracy 0.6 against mean confidence 0.734.
-    assert evaluate.calibration(y, proba, bins=2)["ece"] == pytest.approx(abs(0.6 - 0.734))
+    assert metrics.calibration(y, proba, bins=2)["ece"] == pytest.approx(abs(0.6 - 0.734))
     # With 10 bins each row has a bin of its own.
-    ten = evaluate.calibration(y, proba, bins=10)
+    ten = metrics.calibration(y, proba, bins=10)
     assert ten["ece"] == pytest.approx((0.08 + 0.81 + 0.27 + 0.66 + 0.45) / 5)
     assert [(b["low"], b["rows"]) for b in ten["bins"]] == [(0.5, 1), (0.6, 1), (0.7, 1), (0.8, 1), (0.9, 1)]
-    assert evaluate.calibration(np.array([0, 0]), np.array([[1.0, 0.0], [1.0, 0.0]]))["ece"] == 0.0
+    assert metrics.calibration(np.array([0, 0]), np.array([[1.0, 0.0], [1.0, 0.0]]))["ece"] == 0.0
 
 
 def test_confident_mistakes_are_the_wrong_rows_most_confident_first() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from tasks import evaluate, faults, finetune, ingest, pretrain, tokenize
+from tasks import classifier, evaluate, faults, finetune, ingest, metrics, pretrain, tokenize
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
 from tasks.config import FinetuneConfig, LabeledConfig, PipelineConfig, load_config
 from tasks.errors import ConfigError, DataError
@@ -172,12 +172,12 @@ def test_batches_pad_to_their_longest_text() -> None:
 
 def test_truncation_keeps_the_configured_end(setup: Setup) -> None:
     text = " ".join(f"word{i}" for i in range(60))
-    right = finetune.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="right"))
-    left = finetune.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="left"))
+    right = classifier.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="right"))
+    left = classifier.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="left"))
     full = right(text)["input_ids"]
     assert len(full) > 8
-    assert finetune.encode_texts(right, [text], 8) == [full[:8]]
-    assert finetune.encode_texts(left, [text], 8) == [full[-8:]]
+    assert classifier.encode_texts(right, [text], 8) == [full[:8]]
+    assert classifier.encode_texts(left, [text], 8) == [full[-8:]]
 
 
 # ================================================================ class weights
@@ -196,7 +196,7 @@ def test_balanced_class_weights_match_sklearn_and_weight_the_loss() -> None:
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                                      num_labels=3, pad_token_id=0)).eval()
-    batch = finetune.pad_batch([[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]], pad_id=0)
+    batch = classifier.pad_batch([[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]], pad_id=0)
     batch["labels"] = torch.tensor([0, 1, 2, 2])
     w = torch.tensor(weights)
     with torch.no_grad():
@@ -214,9 +214,9 @@ def test_the_auxiliary_next_token_loss_is_the_lms_own_loss(tmp_path: Path) -> No
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, pad_token_id=0))
     lm.save_pretrained(str(tmp_path / "lm"))
     clf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "lm"), num_labels=2, pad_token_id=0)
-    assert finetune.is_causal(clf.config)
+    assert classifier.is_causal(clf.config)
     lm.eval(), clf.eval()  # no dropout: both see the same activations
-    batch = finetune.pad_batch([[3, 4, 5, 6], [7, 8], [9, 10, 11]], pad_id=0)
+    batch = classifier.pad_batch([[3, 4, 5, 6], [7, 8], [9, 10, 11]], pad_id=0)
     batch["labels"] = torch.tensor([0, 1, 1])
     with torch.no_grad():
         out = clf(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
@@ -288,12 +288,12 @@ def test_lora_trains_adapters_and_the_head_and_saves_a_merged_classifier(setup: 
     # The saved model is the LM + adapter + head, exactly as peft assembles them.
     tok = AutoTokenizer.from_pretrained(clf.path)
     id2label = ingest.load_id2label(setup.labeled)
-    assembled = PeftModel.from_pretrained(finetune.load_classifier(setup.lm.dir, id2label, tok.pad_token_id, 32),
+    assembled = PeftModel.from_pretrained(classifier.load_classifier(setup.lm.dir, id2label, tok.pad_token_id, 32),
                                           str(clf.dir / "adapter"))
     saved = AutoModelForSequenceClassification.from_pretrained(clf.path)
-    seqs = finetune.encode_texts(tok, _texts(setup.labeled, "test"), 32)
-    np.testing.assert_allclose(finetune.predict_proba(assembled, seqs, tok.pad_token_id),
-                               finetune.predict_proba(saved, seqs, tok.pad_token_id), atol=1e-5)
+    seqs = classifier.encode_texts(tok, _texts(setup.labeled, "test"), 32)
+    np.testing.assert_allclose(classifier.predict_proba(assembled, seqs, tok.pad_token_id),
+                               classifier.predict_proba(saved, seqs, tok.pad_token_id), atol=1e-5)
 
 
 def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_path: Path) -> None:
@@ -326,7 +326,7 @@ def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_
     assert loaded.config.label2id == {"negative": 0, "positive": 1}
 
     tok = AutoTokenizer.from_pretrained(clf.path)
-    ids = finetune.encode_texts(tok, ["a fine film"], 32)[0]
+    ids = classifier.encode_texts(tok, ["a fine film"], 32)[0]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id  # BERT's own special tokens
 
     report = evaluate.evaluate_classifier(clf, labeled, setup.cfg.evaluate, setup.ws, 32, 0).load()
@@ -372,10 +372,10 @@ def test_early_stopping_keeps_the_best_validation_weights(setup: Setup) -> None:
     tok = AutoTokenizer.from_pretrained(clf.path)
     model = AutoModelForSequenceClassification.from_pretrained(clf.path)
     val = ingest.load_split(setup.labeled, "validation")
-    pred = finetune.predict_proba(model, finetune.encode_texts(tok, [r["text"] for r in val], cfg.max_length),
+    pred = classifier.predict_proba(model, classifier.encode_texts(tok, [r["text"] for r in val], cfg.max_length),
                                   tok.pad_token_id).argmax(-1)
     labels = list(ingest.load_id2label(setup.labeled).values())
-    assert evaluate.classification_metrics(np.array([r["label"] for r in val]), pred, labels)["macro_f1"] == scores[best]
+    assert metrics.classification_metrics(np.array([r["label"] for r in val]), pred, labels)["macro_f1"] == scores[best]
 
 
 def test_an_early_stop_is_kept_by_a_restarted_run(tmp_path: Path) -> None:
@@ -549,7 +549,7 @@ def test_only_the_classification_head_may_be_missing_or_mismatched(tmp_path: Pat
     labels = {0: "negative", 1: "positive"}
     good = _tiny_lm_dir(tmp_path / "good")
     with caplog.at_level("INFO", logger="llmpipe"):
-        model = finetune.load_classifier(good, labels, pad_id=0, max_length=16)
+        model = classifier.load_classifier(good, labels, pad_id=0, max_length=16)
     assert model.score.weight.shape == (2, 32)
     assert "classification head initialised afresh (score.weight)" in caplog.text
 
@@ -559,14 +559,14 @@ def test_only_the_classification_head_may_be_missing_or_mismatched(tmp_path: Pat
     save_file(weights, str(missing / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=r"outside the classification head.*missing transformer\.h\.0\.mlp\.c_fc\."
                                           r"weight"):
-        finetune.load_classifier(missing, labels, pad_id=0, max_length=16)
+        classifier.load_classifier(missing, labels, pad_id=0, max_length=16)
 
     mismatched = _tiny_lm_dir(tmp_path / "mismatched")
     config = json.loads((mismatched / "config.json").read_text())
     (mismatched / "config.json").write_text(json.dumps({**config, "vocab_size": 80}))
     with pytest.raises(ConfigError, match=r"mismatched transformer\.wte\.weight \(checkpoint \(64, 32\), model "
                                           r"\(80, 32\)\)"):
-        finetune.load_classifier(mismatched, labels, pad_id=0, max_length=16)
+        classifier.load_classifier(mismatched, labels, pad_id=0, max_length=16)
 
 
 def test_init_from_is_named_by_its_content(tmp_path: Path, setup: Setup) -> None:

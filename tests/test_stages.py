@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from tasks import evaluate, finetune, ingest, pretrain, tokenize
+from tasks import evaluate, finetune, ingest, metrics, pretrain, tokenize
 from tasks.artifacts import MANIFEST, TokensRef, Workspace
 from tasks.config import (
     CorpusConfig,
@@ -521,7 +521,7 @@ def test_finetune_and_evaluate_classifier_report(chain: Chain, learned_lm) -> No
     assert 0.0 <= model["accuracy"] <= 1.0 and 0.0 <= model["macro_f1"] <= 1.0
     assert sum(map(sum, model["confusion_matrix"])) == n_test
     y_test = np.array([r["label"] for r in ingest.load_split(labeled, "test")])
-    assert evaluate.classification_metrics(y_test, np.array(report["predictions"]), report["labels"]) == model
+    assert metrics.classification_metrics(y_test, np.array(report["predictions"]), report["labels"]) == model
     assert set(report["baselines"]) == {"majority", "tfidf_logreg"}
     assert report["baselines"]["majority"]["accuracy"] == pytest.approx(0.5)  # the sample test set is balanced
     assert report["baselines"]["tfidf_logreg"]["accuracy"] > 0.5
@@ -545,7 +545,7 @@ def test_classification_metrics_match_sklearn(seed: int) -> None:
     y_pred = np.where(rng.random(200) < 0.6, y_true, rng.integers(0, k, size=200))
     y_pred[y_pred == 3] = 2  # class 3 is never predicted: its precision is 0 by convention
     labels = ["a", "b", "c", "d"]
-    m = evaluate.classification_metrics(y_true, y_pred, labels)
+    m = metrics.classification_metrics(y_true, y_pred, labels)
     assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=range(k),
                                                    zero_division=0))
@@ -563,7 +563,7 @@ def test_constant_prediction_scores_the_majority_baseline() -> None:
     test_texts = [f"{words[y]} item {i}" for i, y in enumerate(test_y)]
     labels = ["r", "g", "b"]
     base = evaluate.baselines(train_texts, train_y, test_texts, test_y, labels, seed=0)
-    constant = evaluate.classification_metrics(test_y, np.full_like(test_y, 1), labels)
+    constant = metrics.classification_metrics(test_y, np.full_like(test_y, 1), labels)
     assert base["majority"] == constant
     assert constant["accuracy"] == base["majority"]["accuracy"] == 0.5
     assert base["tfidf_logreg"]["accuracy"] == 1.0  # the colour word gives the label away
