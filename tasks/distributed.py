@@ -1,6 +1,8 @@
-"""Data-parallel pretraining under torchrun, launched by the pretrain stage as a subprocess.
+"""Data-parallel training under torchrun, launched by a stage as a subprocess.
 
-The launcher owns the whole process tree: torchrun starts in its own session (process group), is
+``run_torchrun(entry, spec, cfg, work_dir)`` runs ``entry(spec)`` (a function of the stage's own module, such as
+``tasks.pretrain.torchrun_worker``) in every worker, after this module has set up the worker's process group and
+its logging; ``spec`` is JSON. The launcher owns the whole process tree: torchrun starts in its own session (process group), is
 told by the kernel to stop when the launching thread dies (``PR_SET_PDEATHSIG``), and is killed as a
 group when the stage fails, is cancelled or runs past ``pretrain.distributed_timeout_s``. Each
 worker likewise dies with its torchrun agent, so no training process outlives the task.
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def torchrun_command(spec_path: Path, cfg: PretrainConfig) -> list[str]:
+    """torchrun, started through ``launch`` (tied to the launching thread), running ``worker SPEC`` in each process."""
     cmd = [sys.executable, "-m", "tasks.distributed", "launch", sys.executable, "-m", "torch.distributed.run",
            f"--nproc-per-node={cfg.devices}", f"--nnodes={cfg.nnodes}"]
     if cfg.nnodes > 1:
@@ -69,13 +73,18 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.wait()
 
 
-def run_torchrun(spec: dict[str, Any], cfg: PretrainConfig, work_dir: Path) -> None:
-    """Run ``train_lm`` in ``cfg.devices`` processes per node; raise if any fails or time runs out."""
+def run_torchrun(entry: Callable[[dict[str, Any]], Any], spec: dict[str, Any], cfg: PretrainConfig,
+                 work_dir: Path) -> None:
+    """Run ``entry(spec)`` in ``cfg.devices`` processes per node; raise if any fails or time runs out.
+
+    ``entry`` is a module-level function, imported by name in each worker; ``spec`` must be JSON.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     spec_path = work_dir / "torchrun_spec.json"
-    write_json(spec_path, spec)
+    write_json(spec_path, {"entry": f"{entry.__module__}:{entry.__qualname__}", "device": cfg.device, "spec": spec})
     cmd = torchrun_command(spec_path, cfg)
-    log.info("pretrain: launching %d x %d processes under torchrun", cfg.nnodes, cfg.devices)
+    log.info("%s: launching %d x %d processes under torchrun", entry.__module__.rsplit(".", 1)[-1], cfg.nnodes,
+             cfg.devices)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -106,15 +115,15 @@ def run_torchrun(spec: dict[str, Any], cfg: PretrainConfig, work_dir: Path) -> N
 
 
 def _worker(spec_path: str) -> None:
+    """One torchrun worker: dies with its agent, joins the process group (NCCL on CUDA, else gloo), logs through
+    rank 0's stdout, and runs the stage's entry."""
+    import importlib
+
     import torch
 
-    from tasks.artifacts import TokenizerRef, TokensRef
-    from tasks.config import ModelConfig
-    from tasks.pretrain import train_lm
-
     die_with_parent(signal.SIGKILL)
-    spec = json.loads(Path(spec_path).read_text())
-    backend = "nccl" if torch.cuda.is_available() and spec["pretrain"]["device"] != "cpu" else "gloo"
+    launch = json.loads(Path(spec_path).read_text())
+    backend = "nccl" if torch.cuda.is_available() and launch["device"] != "cpu" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.distributed.init_process_group(backend)
@@ -124,9 +133,9 @@ def _worker(spec_path: str) -> None:
         handler.setFormatter(logging.Formatter("[llmpipe] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    module, name = launch["entry"].split(":")
     try:
-        train_lm(TokensRef(**spec["tokens"]), TokenizerRef(**spec["tokenizer"]), ModelConfig(**spec["model"]),
-                 PretrainConfig(**spec["pretrain"]), spec["seed"], Path(spec["work_dir"]), Path(spec["out"]))
+        getattr(importlib.import_module(module), name)(launch["spec"])
     finally:
         torch.distributed.destroy_process_group()
 

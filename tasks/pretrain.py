@@ -1,5 +1,6 @@
 """Causal-LM pretraining: a GPT-2 or Llama model built from config (or continued from a checkpoint),
-trained on packed token blocks, in one process or data-parallel under torchrun."""
+trained on packed token blocks, in one process or data-parallel under torchrun (``torchrun_worker`` is what
+each worker runs)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
 from tasks.config import ModelConfig, PretrainConfig
 from tasks.curves import plot_curve
+from tasks.distributed import run_torchrun
 from tasks.errors import ConfigError, DataError
 from tasks.kernels import next_token_loss
 from tasks.tokenize import open_tokens
@@ -217,6 +219,13 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
     return meta
 
 
+def torchrun_worker(spec: dict[str, Any]) -> None:
+    """What each torchrun worker of a data-parallel pretraining runs (``tasks.distributed`` set up its process
+    group): ``train_lm`` on the stage's inputs, as ``pretrain`` wrote them into ``spec``."""
+    train_lm(TokensRef(**spec["tokens"]), TokenizerRef(**spec["tokenizer"]), ModelConfig(**spec["model"]),
+             PretrainConfig(**spec["pretrain"]), spec["seed"], Path(spec["work_dir"]), Path(spec["out"]))
+
+
 def pretrain(
     tokens: TokensRef,
     tokenizer: TokenizerRef,
@@ -232,12 +241,10 @@ def pretrain(
 
     def build(out: Path) -> dict[str, Any]:
         if cfg.devices > 1 or cfg.nnodes > 1:
-            from tasks.distributed import run_torchrun
-
             spec = {"tokens": tokens.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"),
                     "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),
                     "seed": seed, "work_dir": str(work_dir), "out": str(out)}
-            run_torchrun(spec, cfg, work_dir)
+            run_torchrun(torchrun_worker, spec, cfg, work_dir)
             return json.loads((out / "train_meta.json").read_text())
         # Out of memory: half the micro-batch, twice the accumulation, resumed from the newest checkpoint.
         return train_halving_on_oom(
