@@ -70,7 +70,7 @@ def _verbose_arg(p: argparse.ArgumentParser) -> None:
 
 def _model_spec(spec: str) -> str:
     """``--model``'s type: a models:/ URI, or a usage error (exit 2)."""
-    from tasks.register import model_uri
+    from tasks.predict import model_uri
 
     try:
         return model_uri(spec)
@@ -237,7 +237,7 @@ def cmd_run(cfg: PipelineConfig, flow: str = "pipeline", verbose: bool = False, 
     # Prefect's console lines go above the display at WARNING and up; log lines sent to a file (2>run.log) stay whole.
     quiet_console = show and _isatty(sys.stderr)
     env = runtime.configure(cfg.workspace, verbose=verbose, live=quiet_console, terminal=on_terminal)
-    from tasks.register import check_tracking_server
+    from tasks.tracking import check_tracking_server
 
     check_tracking_server()  # an MLflow server that does not answer: a clear error now, not retries for minutes
     import prefect  # noqa: F401 - Prefect sets up its log handlers on import: before the display takes the terminal
@@ -330,20 +330,20 @@ def use_registry(args: argparse.Namespace) -> PipelineConfig:
 def cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.texts) == (args.input is not None):
         raise ConfigError("predict: give texts as arguments or one --input file, not both (nor neither)")
-    from tasks.register import read_texts
+    from tasks.predict import read_texts
 
     uri = args.model  # a models:/ URI (checked by the parser)
     rows, texts = read_texts(args.input, args.text_column) if args.input else ([], args.texts)
     use_registry(args)
-    from tasks import register
+    from tasks import predict
 
-    mv = register.resolve_version(uri)
-    preds = register.predict(f"models:/{mv.name}/{mv.version}", texts)
+    mv = predict.resolve_version(uri)
+    preds = predict.predict(f"models:/{mv.name}/{mv.version}", texts)
     if args.input is None:
         for row in preds:
             print(f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
         return 0
-    out = register.write_predictions(args.input, rows, preds)
+    out = predict.write_predictions(args.input, rows, preds)
     counts: dict[str, int] = {}
     for row in preds:
         counts[row["label"]] = counts.get(row["label"], 0) + 1
@@ -354,14 +354,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_alias(args: argparse.Namespace) -> int:
     cfg = use_registry(args)
-    from tasks import register
+    from tasks import registry
 
     alias = args.alias or cfg.registry.champion_alias
     challenger = args.challenger_alias or cfg.registry.challenger_alias
     if args.command == "promote":
-        print(register.promote(args.name, args.version, alias, challenger))
+        print(registry.promote(args.name, args.version, alias, challenger))
     else:
-        print(register.rollback(args.name, alias, challenger))
+        print(registry.rollback(args.name, alias, challenger))
     return 0
 
 

@@ -9,7 +9,7 @@ from flows import steps
 from flows.deploy import gpu_slot
 from tasks.artifacts import CheckpointRef, LabeledRef, ReportRef
 from tasks.config import PipelineConfig
-from tasks.register import ModelVersionRef
+from tasks.registry import ModelVersionRef
 
 
 class FinetuneResult(BaseModel):

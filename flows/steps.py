@@ -28,7 +28,18 @@ from prefect.runtime import deployment, flow_run, task_run
 from prefect.utilities.timeout import timeout as prefect_timeout
 
 from flows import progress
-from tasks import evaluate, faults, finetune, ingest, interrupts, policy, pretrain, register, tokenize
+from tasks import (
+    evaluate,
+    faults,
+    finetune,
+    ingest,
+    interrupts,
+    policy,
+    pretrain,
+    registry,
+    tokenize,
+    tracking,
+)
 from tasks.artifacts import (
     ArtifactRef,
     CheckpointRef,
@@ -191,7 +202,7 @@ def _tracked(name: str, fn: Callable) -> Callable:
         cfg = next((v for v in values if isinstance(v, PipelineConfig)), None)
         if cfg is None or not flow_run.id:  # called outside a flow: no parent run to attach to
             return fn(*args, **kwargs)
-        with stage_run(cfg, name) as (_, run_id), register.system_metrics(run_id, enabled=name in TRAINING_STAGES):
+        with stage_run(cfg, name) as (_, run_id), tracking.system_metrics(run_id, enabled=name in TRAINING_STAGES):
             token = _STAGE_RUN.set(run_id)
             try:
                 ref = fn(*args, **kwargs)
@@ -199,7 +210,7 @@ def _tracked(name: str, fn: Callable) -> Callable:
                 _STAGE_RUN.reset(token)
             params = {f"{section}.{key}": value for section in sections if getattr(cfg, section, None) is not None
                       for key, value in flatten(getattr(cfg, section)).items()}
-            register.log_stage(run_id, ref, params, [v for v in values if isinstance(v, ArtifactRef)], splits)
+            tracking.log_stage(run_id, ref, params, [v for v in values if isinstance(v, ArtifactRef)], splits)
         return ref
 
     return wrapper
@@ -274,7 +285,7 @@ def _progress(title: str, stage: str) -> Callable[[int, int, dict[str, float]], 
         progress.stage_advanced(stage, step, total, row)  # never raises
         try:
             if run_id:
-                register.log_live_metrics(run_id, step, row)
+                tracking.log_live_metrics(run_id, step, row)
         except Exception as exc:  # metrics are for people; never fail training over them
             logger.warning("live MLflow metrics failed at step %d: %s", step, exc)
         try:
@@ -425,7 +436,7 @@ def lineage() -> dict[str, str]:
 def stage_run(cfg: PipelineConfig, stage: str) -> Iterator[tuple[str, str]]:
     """This task run's MLflow child run ``(experiment_id, run_id)``; a retry of the task reuses it."""
     ids = {**lineage(), "prefect.task_run_id": str(task_run.id or ""), "prefect.task_name": str(task_run.task_name or "")}
-    with register.stage_run(cfg, ids, stage) as run:
+    with tracking.stage_run(cfg, ids, stage) as run:
         yield run
 
 
@@ -437,20 +448,20 @@ def mlflow_parent_run(cfg: PipelineConfig) -> Iterator[str]:
     """
     ids = lineage()
     if ids["prefect.flow_run_id"] == ids["prefect.stage_flow_run_id"]:  # the root flow: is the server there?
-        register.check_tracking_server()
-    experiment_id, run_id, created = register.parent_run(cfg, ids, ids["prefect.flow_name"] or "llmpipe")
+        tracking.check_tracking_server()
+    experiment_id, run_id, created = tracking.parent_run(cfg, ids, ids["prefect.flow_name"] or "llmpipe")
     owner = created or ids["prefect.flow_run_id"] == ids["prefect.stage_flow_run_id"]
-    create_link_artifact(key="mlflow-run", link=register.run_url(cfg.registry, experiment_id, run_id),
+    create_link_artifact(key="mlflow-run", link=tracking.run_url(cfg.registry, experiment_id, run_id),
                          link_text=f"MLflow run {run_id}",
-                         description=f"MLflow parent run of this pipeline (tracking URI {register.tracking_uri()})")
+                         description=f"MLflow parent run of this pipeline (tracking URI {tracking.tracking_uri()})")
     try:
         yield run_id
     except BaseException:
         if owner:
-            register.mark_failed(run_id)
+            tracking.mark_failed(run_id)
         raise
     if owner:
-        register.end_run(run_id)
+        tracking.end_run(run_id)
 
 
 # Set once the root flow of this run has passed the policy check; nested flows inherit it.
@@ -495,16 +506,16 @@ def tracked_flow(fn: Callable) -> Callable:
     return wrapper
 
 
-def _registry_artifacts(cfg: PipelineConfig, ref: register.ModelVersionRef, key: str) -> None:
-    create_link_artifact(key=key, link=register.version_url(cfg.registry, ref.name, ref.version),
-                         link_text=ref.uri, description=f"MLflow model version ({register.tracking_uri()})")
+def _registry_artifacts(cfg: PipelineConfig, ref: registry.ModelVersionRef, key: str) -> None:
+    create_link_artifact(key=key, link=tracking.version_url(cfg.registry, ref.name, ref.version),
+                         link_text=ref.uri, description=f"MLflow model version ({tracking.tracking_uri()})")
 
 
 @_task("register-lm", retries=3)
-def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None) -> register.ModelVersionRef:
+def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None) -> registry.ModelVersionRef:
     set_threads(cfg.runtime.threads)
     with stage_run(cfg, "register-lm") as run:
-        ref = register.register_lm(cfg, lm, lm_report, lineage(), run)
+        ref = registry.register_lm(cfg, lm, lm_report, lineage(), run)
     _registry_artifacts(cfg, ref, "mlflow-lm-version")
     return ref
 
@@ -519,7 +530,7 @@ def _comparison_table(title: str, g: dict[str, Any], other: str) -> list[str]:
     return lines
 
 
-def _gate_markdown(ref: register.ModelVersionRef) -> str:
+def _gate_markdown(ref: registry.ModelVersionRef) -> str:
     g = ref.gate or {}
     head = "## Registered model"
     if ref.below_floor:
@@ -527,7 +538,7 @@ def _gate_markdown(ref: register.ModelVersionRef) -> str:
                 "for inspection, without an alias."
     lines = [f"{head}\n\n- model: `{ref.uri}`" + (f" (`{ref.alias_uri}`)" if ref.alias_uri else ""),
              f"- decision: {ref.decision}", f"- source language model: `{ref.lm_uri}`",
-             f"- MLflow run: `{ref.run_id}`", f"- tracking URI: `{register.tracking_uri()}`"]
+             f"- MLflow run: `{ref.run_id}`", f"- tracking URI: `{tracking.tracking_uri()}`"]
     if ref.floor:
         lines += _comparison_table("Quality floor (against the baselines)", ref.floor, "baseline")
     if g.get("candidate_score") not in (None, "None") and not ref.below_floor:
@@ -538,10 +549,10 @@ def _gate_markdown(ref: register.ModelVersionRef) -> str:
 @_task("register", retries=3)
 def register_classifier(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None,
                         classifier: CheckpointRef, cls_report: ReportRef,
-                        labeled: LabeledRef | None = None) -> register.ModelVersionRef:
+                        labeled: LabeledRef | None = None) -> registry.ModelVersionRef:
     set_threads(cfg.runtime.threads)
     with stage_run(cfg, "register") as run:
-        ref = register.log_and_register(cfg, lm, lm_report, classifier, cls_report, labeled, lineage(), run)
+        ref = registry.register_classifier(cfg, lm, lm_report, classifier, cls_report, labeled, lineage(), run)
     _registry_artifacts(cfg, ref, "mlflow-model-version")
     create_markdown_artifact(key="registered-model", markdown=_gate_markdown(ref),
                              description="MLflow model registry: version, alias and the gate's numbers")

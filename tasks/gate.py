@@ -1,5 +1,9 @@
 """The champion/challenger gate: score two models on the same test rows and test the difference.
 
+The statistics (``compare``) and the decision for a registered version: whether it beats the baselines on the
+held-out rows (``quality_floor``), then the current champion (``against_champion``, which loads the champion from
+the registry and scores it here). Moving the aliases is the registry's (``tasks.registry``).
+
 A new version takes the champion alias only if, on the same held-out rows, its metric is higher than
 the champion's by more than a margin *and* a paired significance test says the improvement is
 unlikely to be chance (p < alpha). Two tests are offered:
@@ -17,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from tasks.artifacts import LabeledRef
+from tasks.config import RegistryConfig
+from tasks.errors import DataError
+from tasks.evaluate import baseline_predictions
+from tasks.ingest import load_id2label, load_split
 from tasks.metrics import SCORES
+from tasks.predict import predict_labels
 
 # The significance level of the quality floor: a version must beat the baselines at least this clearly before it can
 # become champion. Fixed here, not a run parameter, so that no run can loosen it.
@@ -119,3 +129,67 @@ def label_ids(predicted: list[str], label2id: dict[str, int], who: str) -> np.nd
     if unknown:
         raise ValueError(f"{who} predicts labels {unknown} that the test set does not have ({sorted(label2id)})")
     return np.array([label2id[p] for p in predicted], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- the decision
+
+
+def held_out_split(labeled: LabeledRef) -> tuple[list[str], list[int], dict[str, int]]:
+    """The held-out texts, their label ids and the label -> id map of a labeled artifact."""
+    rows = load_split(labeled, "test")
+    if not rows:
+        raise DataError(f"{labeled.dir / 'test.jsonl'}: the test split is empty; the gate has nothing to score")
+    label2id = {v: k for k, v in load_id2label(labeled).items()}
+    return [r["text"] for r in rows], [int(r["label"]) for r in rows], label2id
+
+
+def candidate_ids(name: str, version: int, labeled: LabeledRef) -> np.ndarray:
+    """Registered version ``version``'s predictions on the held-out rows, as label ids."""
+    texts, _, label2id = held_out_split(labeled)
+    return label_ids(predict_labels(f"models:/{name}/{version}", texts), label2id, f"version {version}")
+
+
+def quality_floor(reg: RegistryConfig, labeled: LabeledRef, candidate: np.ndarray,
+                  seed: int = 0) -> tuple[GateResult, str]:
+    """Whether the candidate's test predictions beat each required baseline significantly; the first one it
+    does not beat decides (``GateResult`` with ``promote`` False), else the last comparison.
+
+    The majority class is always required, TF-IDF + logistic regression when ``registry.baseline_floor`` asks
+    for it. The test is the gate's own (``registry.significance_test``) at ``FLOOR_ALPHA``, which no run
+    parameter can loosen.
+    """
+    texts, y_true, label2id = held_out_split(labeled)
+    train = load_split(labeled, "train")
+    train_y = np.array([int(r["label"]) for r in train], dtype=np.int64)
+    baselines = {"majority": np.full(len(texts), int(np.argmax(np.bincount(train_y, minlength=len(label2id)))))}
+    if reg.baseline_floor == "tfidf_logreg":
+        proba = baseline_predictions([r["text"] for r in train], train_y, texts, len(label2id), seed)
+        baselines["tfidf_logreg"] = proba["tfidf_logreg"].argmax(axis=1)
+    result = None
+    for name, predicted in baselines.items():
+        result = compare(np.array(y_true), candidate, predicted, metric=reg.metric, n_labels=len(label2id),
+                         test=reg.significance_test, alpha=FLOOR_ALPHA, margin=0.0, samples=reg.bootstrap_samples,
+                         seed=seed, versus=f"the {name} baseline")
+        if not result.promote:
+            return result, name
+    return result, name
+
+
+def against_champion(reg: RegistryConfig, name: str, version: int, champion: Any, labeled: LabeledRef,
+                     candidate: np.ndarray, seed: int = 0) -> GateResult:
+    """Compare ``version``'s test predictions ``candidate`` with those of ``champion`` (the model version holding
+    the champion alias, or None), loaded from the registry and scored here on the same rows; decide."""
+    common = {"metric": reg.metric, "test": reg.significance_test, "alpha": reg.alpha, "margin": reg.margin}
+    if champion is None:
+        return GateResult(promote=True, reason=f"no {reg.champion_alias} yet", **common)
+    if int(champion.version) == version:
+        return GateResult(promote=True, reason=f"already {reg.champion_alias}", champion_version=version, **common)
+    texts, y_true, label2id = held_out_split(labeled)
+    try:
+        champ = label_ids(predict_labels(f"models:/{name}/{champion.version}", texts), label2id,
+                          f"{reg.champion_alias} version {champion.version}")
+    except ValueError as exc:
+        return GateResult(promote=False, reason=f"not comparable: {exc}", rows=len(texts),
+                          champion_version=int(champion.version), **common)
+    return compare(np.array(y_true), candidate, champ, n_labels=len(label2id), samples=reg.bootstrap_samples,
+                   seed=seed, champion_version=int(champion.version), **common)

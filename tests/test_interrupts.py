@@ -19,14 +19,14 @@ STRESS = textwrap.dedent("""
     import json, os, random, signal, sys, threading, time
     os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"
     from mlflow.entities import Metric
-    from tasks import interrupts, register
+    from tasks import interrupts, tracking
 
     def exit_on_sigterm(signum, frame):
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # as `llmpipe run` does
     interrupts.install()
-    client = register._client()  # with a plain MlflowClient about half of these cleanups fail: database is locked
+    client = tracking.mlflow_client()  # with a plain MlflowClient about half of these cleanups fail: database is locked
     experiment = client.create_experiment("interrupts")
     random.seed(0)
     out = {"stopped": 0, "cleanup_ok": 0, "cleanup_failed": [], "slowest_cleanup_s": 0.0}

@@ -41,18 +41,18 @@ def test_ordinary_text_is_left_alone() -> None:
 def test_mlflow_params_and_tags_are_redacted(tmp_path: Path, monkeypatch) -> None:
     from mlflow import MlflowClient
 
-    from tasks import register
+    from tasks import tracking
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("redact", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(exp)
-    monkeypatch.setattr(register, "_client", lambda: client)  # the module's client, pointed at this store
-    register.log_stage(run.info.run_id, None, {"corpus.url": "https://bob:topsecret@host/corpus.jsonl",
+    monkeypatch.setattr(tracking, "mlflow_client", lambda: client)  # the module's client, pointed at this store
+    tracking.log_stage(run.info.run_id, None, {"corpus.url": "https://bob:topsecret@host/corpus.jsonl",
                                                "hub.token": "hf_abcdefghijklmnopqrstuvwxyz123456"}, [])
     data = client.get_run(run.info.run_id).data
     assert "topsecret" not in str(data.params) and "hf_abcdefghijklmnopqrstuvwxyz123456" not in str(data.params)
     assert data.params["corpus.url"] == "https://bob:***@host/corpus.jsonl"
-    assert register._clean({"t": "http://u:pw@h"}) == {"t": "http://u:***@h"}
+    assert tracking.clean({"t": "http://u:pw@h"}) == {"t": "http://u:***@h"}
 
 
 def test_prefect_log_forwarding_redacts() -> None:

@@ -24,7 +24,7 @@ import pytest
 from conftest import mini_config
 
 from flows.cli import main as cli
-from tasks import gate, metrics, register
+from tasks import gate, metrics, predict, registry
 from tasks.artifacts import CheckpointRef, LabeledRef, ReportRef, Workspace, fingerprint
 from tasks.config import LabeledConfig, PipelineConfig
 from tasks.distributed import die_with_parent
@@ -252,16 +252,16 @@ def test_the_quality_floor_needs_a_significant_win_over_the_baselines(tmp_path: 
     labeled = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(paths["train"]),
                                                   validation_path=str(paths["validation"]),
                                                   test_path=str(paths["test"])), Workspace(tmp_path / "ws"))
-    _, y_true, label2id = register.held_out_split(labeled)
+    _, y_true, label2id = gate.held_out_split(labeled)
     y_true = np.array(y_true)
     reg = RegistryConfig(significance_test=test, alpha=0.9)
     majority_like = np.zeros_like(y_true)  # one class for every row, as the majority baseline predicts
-    result, baseline = register.quality_floor(reg, labeled, majority_like)
+    result, baseline = gate.quality_floor(reg, labeled, majority_like)
     assert not result.promote and baseline == "majority" and result.alpha == gate.FLOOR_ALPHA
     assert "the majority baseline" in result.reason
     near_perfect = y_true.copy()
     near_perfect[:3] = 1 - near_perfect[:3]
-    result, baseline = register.quality_floor(reg, labeled, near_perfect)
+    result, baseline = gate.quality_floor(reg, labeled, near_perfect)
     assert result.promote and baseline == "majority" and result.p_value < gate.FLOOR_ALPHA
 
     # Asked for, TF-IDF + LR is a second, higher floor: a model right on 70% of the rows clears the majority
@@ -269,20 +269,20 @@ def test_the_quality_floor_needs_a_significant_win_over_the_baselines(tmp_path: 
     tfidf = reg.model_copy(update={"baseline_floor": "tfidf_logreg"})
     fair = y_true.copy()
     fair[: int(0.3 * len(fair))] = 1 - fair[: int(0.3 * len(fair))]
-    assert register.quality_floor(reg, labeled, fair)[0].promote
-    result, baseline = register.quality_floor(tfidf, labeled, fair)
+    assert gate.quality_floor(reg, labeled, fair)[0].promote
+    result, baseline = gate.quality_floor(tfidf, labeled, fair)
     assert not result.promote and baseline == "tfidf_logreg" and "the tfidf_logreg baseline" in result.reason
-    assert register.quality_floor(tfidf, labeled, y_true)[0].promote
+    assert gate.quality_floor(tfidf, labeled, y_true)[0].promote
 
 
 # ================================================================ consumers' input checks (fast)
 
 
 def test_model_uri_forms() -> None:
-    assert register.model_uri("models:/m@champion") == "models:/m@champion"
-    assert register.model_uri("m/3") == "models:/m/3"
+    assert predict.model_uri("models:/m@champion") == "models:/m@champion"
+    assert predict.model_uri("m/3") == "models:/m/3"
     with pytest.raises(LlmpipeError, match="expected models:/NAME@ALIAS"):
-        register.model_uri("models:/m")
+        predict.model_uri("models:/m")
 
 
 def test_predict_file_errors_name_the_file_row_and_column(tmp_path: Path, capsys) -> None:
@@ -436,12 +436,12 @@ def test_registration_retried_three_times_yields_one_version(server, models, har
     clf = models.variant("retry", swap=False)
     report = models.report_for(clf, models.labeled)
     faults = {
-        "after-version-created": Flaky(register._wait_ready, after=True, when=lambda args: args[1] == name),
-        "after-alias-moved": Flaky(register._gate_metrics, after=True),
+        "after-version-created": Flaky(registry._wait_ready, after=True, when=lambda args: args[1] == name),
+        "after-alias-moved": Flaky(registry._gate_metrics, after=True),
         "after-registry": Flaky(steps._registry_artifacts, after=False),
     }
-    monkeypatch.setattr(register, "_wait_ready", faults["after-version-created"])
-    monkeypatch.setattr(register, "_gate_metrics", faults["after-alias-moved"])
+    monkeypatch.setattr(registry, "_wait_ready", faults["after-version-created"])
+    monkeypatch.setattr(registry, "_gate_metrics", faults["after-alias-moved"])
     monkeypatch.setattr(steps, "_registry_artifacts", faults["after-registry"])
 
     @flow(name="register-with-retries")
@@ -484,14 +484,14 @@ def test_concurrent_registrations(server, models, monkeypatch) -> None:
     reports = {clf.fingerprint: models.report_for(clf, models.labeled) for clf in different}
     cfg = with_registry(models.cfg, model_name="concurrent-model")
     with ThreadPoolExecutor(2) as pool:
-        refs = list(pool.map(lambda clf: register.log_and_register(
+        refs = list(pool.map(lambda clf: registry.register_classifier(
             cfg, models.lm, models.lm_report, clf, reports[clf.fingerprint], models.labeled), different))
     assert sorted(r.version for r in refs) == [1, 2] and all(r.created for r in refs)
     assert {v.tags["llmpipe.fingerprint"] for v in _versions("concurrent-model")} == {c.fingerprint for c in different}
 
     # Force the race: both writers look the fingerprint up before either registers it.
     barrier = threading.Barrier(2, timeout=120)
-    real_find = register.find_version
+    real_find = registry.find_version
 
     def find_then_wait(client, name, fp):
         found = real_find(client, name, fp)
@@ -499,12 +499,12 @@ def test_concurrent_registrations(server, models, monkeypatch) -> None:
             barrier.wait()
         return found
 
-    monkeypatch.setattr(register, "find_version", find_then_wait)
+    monkeypatch.setattr(registry, "find_version", find_then_wait)
     same = models.variant("race", swap=False)
     cfg = with_registry(models.cfg, model_name="race-model")
     same_report = models.report_for(same, models.labeled)
     with ThreadPoolExecutor(2) as pool:
-        raced = list(pool.map(lambda _: register.log_and_register(
+        raced = list(pool.map(lambda _: registry.register_classifier(
             cfg, models.lm, models.lm_report, same, same_report, models.labeled), range(2)))
     versions = _versions("race-model")
     assert len(versions) == 1
@@ -563,9 +563,9 @@ def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_r
 
     cfg = with_registry(models.cfg, model_name=name, significance_test="mcnemar")
 
-    def submit(tag: str, swap: bool, labeled: LabeledRef) -> register.ModelVersionRef:
+    def submit(tag: str, swap: bool, labeled: LabeledRef) -> registry.ModelVersionRef:
         clf = models.variant(tag, swap)
-        return register.log_and_register(cfg, models.lm, models.lm_report, clf, models.report_for(clf, labeled),
+        return registry.register_classifier(cfg, models.lm, models.lm_report, clf, models.report_for(clf, labeled),
                                          labeled)
 
     def champion() -> int:

@@ -12,7 +12,7 @@ import pytest
 import test_register as helpers
 
 from flows.cli import main as cli
-from tasks import register
+from tasks import predict, registry
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,10 @@ def test_models_serve_answers_with_the_labels_of_in_process_prediction(tmp_path:
     cfg = helpers.with_registry(models.cfg, model_name=name)
     with helpers.mlflow_server(tmp_path / "mlflow") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        ref = register.log_and_register(cfg, models.lm, models.lm_report, models.classifier, models.report,
+        ref = registry.register_classifier(cfg, models.lm, models.lm_report, models.classifier, models.report,
                                         models.labeled)
         assert ref.aliases == ["champion"]
-        expected = register.predict(f"models:/{name}@champion", TEXTS)
+        expected = predict.predict(f"models:/{name}@champion", TEXTS)
         assert {r["label"] for r in expected} <= {"negative", "positive"}
 
         port = helpers.free_port()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import DataError
-from tasks.register import read_texts
+from tasks.predict import read_texts
 from tasks.sources import Utf8Policy, table_rows
 
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
@@ -177,7 +177,7 @@ def test_predict_input_rows_are_numbered_by_line(tmp_path: Path) -> None:
 
 
 def test_predict_input_rows_round_trip_through_write_predictions(tmp_path: Path) -> None:
-    from tasks.register import write_predictions
+    from tasks.predict import write_predictions
 
     path = tmp_path / "in.csv"
     path.write_text('\ufeffid,text\n1,"two\nlines, and a comma"\n2,plain\n', encoding="utf-8")
