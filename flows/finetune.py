@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from flows import steps
 from flows.deploy import gpu_slot
+from flows.tracking import tracked_flow
 from tasks.artifacts import CheckpointRef, LabeledRef, ReportRef
 from tasks.config import PipelineConfig
 from tasks.registry import ModelVersionRef
@@ -20,7 +21,7 @@ class FinetuneResult(BaseModel):
 
 
 @flow(name="finetune", log_prints=True)
-@steps.tracked_flow
+@tracked_flow
 def finetune(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - the UI form's defaults
     lm: CheckpointRef | None = None,

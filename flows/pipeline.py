@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
-from flows import steps
 from flows.finetune import FinetuneResult, finetune
 from flows.pretrain import PretrainResult, pretrain
+from flows.tracking import tracked_flow
 from tasks.config import PipelineConfig
 
 
@@ -17,7 +17,7 @@ class PipelineResult(BaseModel):
 
 
 @flow(name="llm_pipeline", log_prints=True)
-@steps.tracked_flow
+@tracked_flow
 def llm_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:  # noqa: B008 - the UI form's defaults
     """Ingest -> tokenizer -> tokens -> pretrain -> evaluate LM -> fine-tune -> evaluate -> register."""
     pre = pretrain(config)

@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from flows import steps
 from flows.deploy import announce_checkpoint, gpu_slot
+from flows.tracking import tracked_flow
 from tasks.artifacts import CheckpointRef, CorpusRef, ReportRef, TokenizerRef, TokensRef
 from tasks.config import PipelineConfig
 
@@ -20,7 +21,7 @@ class PretrainResult(BaseModel):
 
 
 @flow(name="pretrain", log_prints=True)
-@steps.tracked_flow
+@tracked_flow
 def pretrain(config: PipelineConfig = PipelineConfig()) -> PretrainResult:  # noqa: B008 - the UI form's defaults
     """Ingest the corpus, train the tokenizer, tokenize, pretrain the language model and evaluate it."""
     corpus = steps.ingest_corpus(config)

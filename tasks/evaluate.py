@@ -281,25 +281,3 @@ def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateCo
 
     return workspace.materialize(ReportRef, fp, build, stage="evaluate_classifier",
                                  inputs={"classifier": clf.fingerprint, "labeled": labeled.fingerprint})
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The classifier report for people: model beside baselines, per-class scores, confusion matrix, mistakes."""
-    labels = report["labels"]
-    rows = report.get("comparison") or comparison_rows(report)
-    lines = [f"## Classifier on the {report.get('split', 'test')} split ({report['test_rows']} rows)", "",
-             "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |" for r in rows]
-    lines += ["", "### Per class (model)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
-              for name, c in report[MODEL]["per_class"].items()]
-    lines += ["", "### Confusion matrix (rows: true, columns: predicted)", "",
-              "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    lines += [f"| **{labels[i]}** | " + " | ".join(str(v) for v in row) + " |"
-              for i, row in enumerate(report[MODEL]["confusion_matrix"])]
-    mistakes = report.get("confident_mistakes") or []
-    if mistakes:
-        lines += ["", "### Most confident mistakes", "", "| confidence | true | predicted | text |", "|---|---|---|---|"]
-        lines += [f"| {m['confidence']:.3f} | {m['label']} | {m['predicted']} | "
-                  f"{m['text'][:160].replace('|', '/').replace(chr(10), ' ')} |" for m in mistakes]
-    return "\n".join(lines) + "\n"

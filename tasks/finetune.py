@@ -355,16 +355,3 @@ def _kept_eval(evals: list[dict[str, float]], best: dict[str, float] | None) -> 
     if best is not None:
         return next((e for e in evals if e["step"] == best["step"]), best)
     return evals[-1] if evals else {}
-
-
-def summary_markdown(meta: dict[str, Any]) -> str:
-    """What a fine-tuning run did, for people: the starting point, what was trained, and which weights were kept."""
-    rows = [("base", meta.get("base")), ("model type", meta.get("model_type")), ("method", meta.get("method")),
-            ("parameters trained", f"{meta.get('trainable_parameters', 0):,} of {meta.get('parameters', 0):,}"),
-            ("class weights", meta.get("class_weights") or "none"),
-            ("steps", f"{meta.get('steps')} ({meta.get('stop_reason')})"),
-            ("weights kept from step", meta.get("kept_step")),
-            ("validation accuracy", meta.get("val_accuracy")), ("validation macro-F1", meta.get("val_macro_f1"))]
-    lines = ["## Fine-tuning", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines) + "\n"

@@ -231,48 +231,6 @@ def load_data_report(ref: CorpusRef | LabeledRef) -> dict[str, Any]:
     return json.loads((ref.dir / DATA_REPORT).read_text(encoding="utf-8"))
 
 
-def data_report_markdown(report: dict[str, Any]) -> str:
-    """The data report as Markdown: counts per step and per source, splits, and the length histogram."""
-    if "class_balance" in report:
-        return _labeled_markdown(report)
-    lines = ["## Corpus", "", "| step | documents |", "|---|---|"]
-    lines += [f"| {s['step']} | {s['documents']:,} |" for s in report["steps"]]
-    lines += ["", "### Sources", "", "| source | weight | read | empty | short/long | duplicates | train | validation"
-              " | invalid UTF-8 |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in report["sources"]:
-        lines.append(f"| {s['source']} | {s['weight']:g} | {s['read']:,} | {s['empty_dropped']:,} | "
-                     f"{s['short_dropped']:,}/{s['long_dropped']:,} | {s['duplicates_dropped']:,} | "
-                     f"{s['train']:,} | {s['validation']:,} | {s['invalid_utf8_replaced']:,} |")
-    lines += ["", "### Splits", "", "| split | documents | characters |", "|---|---|---|"]
-    lines += [f"| {name} | {s['documents']:,} | {s['chars']:,} |" for name, s in report["splits"].items()]
-    hist = report["length_histogram"]
-    if hist:
-        peak = max(b["documents"] for b in hist) or 1
-        lines += ["", "### Document length (characters)", "", "| length | documents | |", "|---|---|---|"]
-        lines += [f"| {b['min_chars']:,}-{b['max_chars']:,} | {b['documents']:,} | "
-                  f"{'█' * max(1 if b['documents'] else 0, round(20 * b['documents'] / peak))} |" for b in hist]
-    return "\n".join(lines) + "\n"
-
-
-def _labeled_markdown(report: dict[str, Any]) -> str:
-    labels = report["labels"]
-    lines = ["## Labeled data", "", "| split | origin | rows | empty text dropped | " + " | ".join(labels) + " |",
-             "|---|---|---|---|" + "---|" * len(labels)]
-    for split, balance in report["class_balance"].items():
-        lines.append(f"| {split} | {report['origin'][split]} | {report['rows'][split]:,} | "
-                     f"{report['empty_text_dropped'].get(split, 0):,} | "
-                     + " | ".join(f"{balance[lab]:,}" for lab in labels) + " |")
-    if report.get("held_out_group_rows_left_out"):
-        lines += ["", f"{report['held_out_group_rows_left_out']:,} rows grouped with held-out texts (duplicates or "
-                  "contained phrases) were left out of training (labeled.split_groups)."]
-    seen = {k: n for k, n in report.get("held_out_texts_in_train", {}).items() if n}
-    if seen:
-        lines += ["", "Held-out rows whose text is also a training text (scored on answers seen in training; "
-                  "`labeled.split_groups` prevents this in splits taken off train): "
-                  + ", ".join(f"{k} {n:,}" for k, n in seen.items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------- labeled data
 
 

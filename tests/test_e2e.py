@@ -112,12 +112,13 @@ def test_failures_reach_prefect_redacted_and_a_training_stage_past_its_limit_is_
     from prefect.client.schemas.filters import FlowRunFilter
 
     from flows import steps
+    from flows.tracking import tracked_flow
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     @flow(name="stages-that-fail")
-    @steps.tracked_flow
+    @tracked_flow
     def stages(config):
         corpus = steps.ingest_corpus(config)
         tokenizer = steps.train_tokenizer(config, corpus)

@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_config
 from test_finetune import build_tiny_bert, write_labeled_csvs
 
+from flows import reports
 from tasks import evaluate, ingest, metrics, pretrain, tokenize
 from tasks.artifacts import CheckpointRef, Workspace
 from tasks.errors import DataError
@@ -141,7 +142,7 @@ def test_the_report_holds_every_metric_table_and_the_confusion_png(imbalanced, t
     assert len(mistakes) == 4 and all(m["predicted"] == "meh" != m["label"] for m in mistakes)
     png = ref.dir / report["confusion_matrix_png"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = evaluate.report_markdown(report)
+    markdown = reports.classifier_markdown(report)
     assert "| tfidf_logreg |" in markdown and "| **meh** | 0 | 0 | 18 |" in markdown
     assert "### Most confident mistakes" in markdown
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flows import reports
 from tasks import ingest
 from tasks.artifacts import Workspace
 from tasks.config import (
@@ -230,7 +231,7 @@ def test_nfc_empty_length_and_dedup_counts(tmp_path: Path, ws: Workspace) -> Non
     for b in report["length_histogram"]:
         assert b["max_chars"] == 2 * b["min_chars"] - 1
     assert report["splits"]["train"]["documents"] + report["splits"]["validation"]["documents"] == 22
-    md = ingest.data_report_markdown(report)
+    md = reports.data_report_markdown(report)
     assert "| deduplicate | 22 |" in md and "### Document length (characters)" in md and str(path) in md
 
 
@@ -330,7 +331,7 @@ def test_labeled_hub_dataset_uses_given_splits_and_class_names(tmp_path: Path, w
     assert ref.meta["class_balance"]["test"] == {"negative": 2, "positive": 2}
     report = ingest.load_data_report(ref)
     assert report["origin"]["validation"].endswith("split 'validation'")
-    assert "| test |" in ingest.data_report_markdown(report)
+    assert "| test |" in reports.data_report_markdown(report)
 
 
 def test_labeled_dataframes_with_label_names_and_two_text_columns(ws: Workspace) -> None:
@@ -507,7 +508,7 @@ def test_labeled_split_groups_hold_out_whole_sentences_and_drop_their_phrases(ws
     report = ingest.load_data_report(grouped)
     assert report["held_out_group_rows_left_out"] == 36
     assert "grouped by containing text" in report["origin"]["validation"]
-    assert "36 rows grouped with held-out texts" in ingest.data_report_markdown(report)
+    assert "36 rows grouped with held-out texts" in reports.data_report_markdown(report)
     assert report["held_out_texts_in_train"] == {"validation": 0, "test": 0}
     # Without grouping, phrases of held-out sentences stay in training: the leak grouping removes.
     plain_train = {r["text"] for r in ingest.load_split(plain, "train")}

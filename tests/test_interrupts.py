@@ -75,7 +75,7 @@ def test_sigterm_inside_mlflow_sqlite_writes_leaves_the_store_usable(tmp_path: P
 DEFER = textwrap.dedent("""
     import errno, json, os, signal
     from prefect.states import Failed
-    from flows.steps import retry_transient
+    from flows.retries import retry_transient
     from tasks import interrupts
 
     class Stop(Exception):

@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 
 from flows import deploy
-from flows.steps import StageTimeout, is_transient
+from flows.retries import StageTimeout, is_transient
 from tasks.artifacts import CheckpointRef, Workspace
 from tasks.errors import ConfigError, DataError
 from tasks.policy import Policy, PolicyError, check_config

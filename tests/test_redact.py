@@ -56,7 +56,7 @@ def test_mlflow_params_and_tags_are_redacted(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_prefect_log_forwarding_redacts() -> None:
-    from flows.steps import _ToRunLogger
+    from flows.logs import ToRunLogger
 
     seen: list[str] = []
 
@@ -64,7 +64,7 @@ def test_prefect_log_forwarding_redacts() -> None:
         def log(self, level: int, msg: str) -> None:
             seen.append(msg)
 
-    handler = _ToRunLogger(Sink())
+    handler = ToRunLogger(Sink())
     logger = logging.getLogger("llmpipe.test-redact")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

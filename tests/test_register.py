@@ -429,7 +429,8 @@ def test_registration_retried_three_times_yields_one_version(server, models, har
     from mlflow import MlflowClient
     from prefect import flow
 
-    from flows import steps
+    from flows import reports, steps
+    from flows.tracking import tracked_flow
 
     name = "retry-model"
     cfg = with_registry(models.cfg, model_name=name)
@@ -438,14 +439,14 @@ def test_registration_retried_three_times_yields_one_version(server, models, har
     faults = {
         "after-version-created": Flaky(registry._wait_ready, after=True, when=lambda args: args[1] == name),
         "after-alias-moved": Flaky(registry._gate_metrics, after=True),
-        "after-registry": Flaky(steps._registry_artifacts, after=False),
+        "after-registry": Flaky(reports.model_version_link, after=False),
     }
     monkeypatch.setattr(registry, "_wait_ready", faults["after-version-created"])
     monkeypatch.setattr(registry, "_gate_metrics", faults["after-alias-moved"])
-    monkeypatch.setattr(steps, "_registry_artifacts", faults["after-registry"])
+    monkeypatch.setattr(reports, "model_version_link", faults["after-registry"])
 
     @flow(name="register-with-retries")
-    @steps.tracked_flow
+    @tracked_flow
     def register_flow(config: PipelineConfig):
         task = steps.register_classifier.with_options(retries=3, retry_delay_seconds=0)
         state = task(config, models.lm, models.lm_report, clf, report, models.labeled, return_state=True)
