@@ -177,13 +177,6 @@ def baseline_predictions(train_texts: list[str], train_y: np.ndarray, test_texts
     return {"majority": majority, "tfidf_logreg": tfidf}
 
 
-def baselines(train_texts: list[str], train_y: np.ndarray, test_texts: list[str], test_y: np.ndarray,
-              labels: list[str], seed: int) -> dict[str, dict[str, Any]]:
-    """Majority class and TF-IDF + logistic regression, trained on train and scored on the same test set."""
-    proba = baseline_predictions(train_texts, train_y, test_texts, len(labels), seed)
-    return {name: classification_metrics(test_y, p.argmax(axis=1), labels) for name, p in proba.items()}
-
-
 def plot_confusion_matrix(cm: list[list[int]], labels: list[str], title: str, path: Path) -> None:
     import matplotlib
 

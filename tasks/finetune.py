@@ -40,6 +40,7 @@ from tasks.errors import ConfigError, DataError
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import classification_metrics
 from tasks.training import (
+    EXECUTION_ONLY,
     ShuffledIndices,
     epoch_permutation,
     list_checkpoints,
@@ -51,11 +52,6 @@ from tasks.training import (
 log = logging.getLogger("llmpipe")
 
 STAGE_VERSION = "finetune-3"
-# Settings that change how training is observed, resumed or split into micro-batches, not the weights it
-# produces. The global batch (micro-batch x accumulation) stays in the fingerprint, so a run that halves its
-# micro-batch after running out of memory resumes its own checkpoints and finishes the same artifact.
-OBSERVE_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels",
-                "batch_size", "grad_accum_steps"}
 BEST_FILE = "best.safetensors"
 CURVE_FILE = "training_curve.png"  # train loss and validation scores by step
 
@@ -165,11 +161,11 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         weight = weight.to(out.logits.device)
     loss = F.cross_entropy(out.logits.float(), batch["labels"], weight=weight)
     if aux:
-        loss = loss + lm_weight * next_token_loss(model, out.hidden_states[-1], batch)
+        loss = loss + lm_weight * auxiliary_lm_loss(model, out.hidden_states[-1], batch)
     return loss
 
 
-def next_token_loss(model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def auxiliary_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy of the (right-padded) input texts from a causal classifier's last hidden states,
     through the input embeddings as the output layer (the LM's head is tied to them)."""
     logits = hidden[:, :-1] @ model.get_input_embeddings().weight.T
@@ -231,12 +227,12 @@ def patience_exhausted(evals: list[dict[str, float]], patience: int) -> bool:
 
 
 def finetune_fingerprint(lm: CheckpointRef | None, labeled: LabeledRef, cfg: FinetuneConfig, seed: int) -> str:
-    observe_only = set(OBSERVE_ONLY)
+    execution_only = set(EXECUTION_ONLY)
     if not (cfg.restore_best or cfg.early_stopping_patience):
-        observe_only.add("eval_every")  # validation then only watches; otherwise it picks the weights
+        execution_only.add("eval_every")  # validation then only watches; otherwise it picks the weights
     base = checkpoints.identity(cfg.init_from, "finetune.init_from") if cfg.init_from else lm.fingerprint if lm else None
     global_batch = cfg.batch_size * cfg.accum_steps
-    return fingerprint(STAGE_VERSION, base, labeled.fingerprint, cfg.model_dump(exclude=observe_only), global_batch,
+    return fingerprint(STAGE_VERSION, base, labeled.fingerprint, cfg.model_dump(exclude=execution_only), global_batch,
                        seed)
 
 

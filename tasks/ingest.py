@@ -47,12 +47,8 @@ DATA_REPORT = "data_report.json"
 SPLITS = ("train", "validation", "test")
 
 
-def _doc_bucket(text: str) -> float:
-    """A number in [0, 1) fixed by the document's content: splits never move when documents are added."""
-    return _unit(hashlib.sha256(text.encode("utf-8")).digest()[:8])
-
-
 def _unit(eight_bytes: bytes) -> float:
+    """A number in [0, 1) fixed by eight bytes of a document's hash: splits never move when documents are added."""
     return int.from_bytes(eight_bytes, "big") / 2**64
 
 

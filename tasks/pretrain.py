@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import checkpoints
+from tasks import checkpoints, training
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
 from tasks.config import ModelConfig, PretrainConfig
 from tasks.curves import plot_curve
@@ -35,12 +35,10 @@ from tasks.training import (
 log = logging.getLogger("llmpipe")
 
 STAGE_VERSION = "pretrain-3"
-# Settings that change how training is observed, resumed or split into micro-batches, not what it
-# computes. The global batch (micro-batch x accumulation) stays in the fingerprint, so a run that
-# halves its micro-batch after running out of memory resumes its own checkpoints.
-EXECUTION_ONLY = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "resume",
-                  "peak_flops", "rdzv_endpoint", "node_rank", "distributed_timeout_s", "batch_size",
-                  "grad_accum_steps", "global_batch_tokens", "device", "compile", "fast_kernels"}
+# Left out of a pretrained model's fingerprint besides the engine's EXECUTION_ONLY: validation (it only watches),
+# where and how the processes run, and what changes only rounding (compile).
+EXECUTION_ONLY = training.EXECUTION_ONLY | {"eval_every", "eval_batches", "rdzv_endpoint", "node_rank",
+                                            "distributed_timeout_s", "global_batch_tokens", "device", "compile"}
 
 
 def check_init_tokenizer(init_from: str, tokenizer_dir: str | Path) -> None:
@@ -258,5 +256,3 @@ def pretrain(
     return ref
 
 
-def load_training_log(ref: CheckpointRef) -> dict[str, Any]:
-    return json.loads((ref.dir / "training.json").read_text())

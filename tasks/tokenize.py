@@ -56,7 +56,7 @@ STAGE_VERSION = "tokenize-2"
 TOKENIZER_VERSION = "tokenizer-2"
 BYTE_ALPHABET = 256
 BATCH_CHARS = 1 << 20  # characters of text encoded per batch: bounds memory, whatever the shard size
-ENCODE_ONLY = {"shard_mb"}  # tokenizer settings that change how tokenization runs, not the tokenizer
+EXECUTION_ONLY = {"shard_mb"}  # tokenizer settings that change how tokenization runs, not the tokenizer
 _COPY_CHUNK = 8 << 20
 
 
@@ -80,7 +80,7 @@ def train_tokenizer(corpus: CorpusRef, cfg: TokenizerConfig, workspace: Workspac
 
     Either way the artifact is a ``save_pretrained`` folder that ``AutoTokenizer.from_pretrained`` loads.
     """
-    settings = cfg.model_dump(exclude=ENCODE_ONLY)
+    settings = cfg.model_dump(exclude=EXECUTION_ONLY)
     if cfg.pretrained:
         tok = _pretrained(cfg)
         # Named by content: the same tokenizer from another folder or hub mirror is the same artifact.
@@ -149,13 +149,6 @@ def _save_pretrained(tok: Any, cfg: TokenizerConfig, out: Path) -> dict[str, Any
     tok.save_pretrained(str(out))
     return {"vocab_size": len(tok), "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "trained": False,
             "pretrained": cfg.pretrained}
-
-
-def load_tokenizer(ref: TokenizerRef | str | Path):
-    from transformers import AutoTokenizer
-
-    path = ref.path if isinstance(ref, TokenizerRef) else str(ref)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -40,6 +40,13 @@ def tiny_config(workspace: Path, *overrides: str) -> PipelineConfig:
     return load_config("tiny", [f"workspace={workspace}", *overrides])
 
 
+def training_log(ref) -> dict[str, Any]:
+    """What a training stage's artifact records of its run: the logged rows (``history``) and the validation passes."""
+    import json
+
+    return json.loads((ref.dir / "training.json").read_text())
+
+
 def mini_config(workspace: Path, *overrides: str) -> PipelineConfig:
     """The smallest config whose classifier clears the quality floor and becomes champion (about 20 s)."""
     return load_config("mini", [f"workspace={workspace}", *overrides])

@@ -220,7 +220,7 @@ def test_the_auxiliary_next_token_loss_is_the_lms_own_loss(tmp_path: Path) -> No
     batch["labels"] = torch.tensor([0, 1, 1])
     with torch.no_grad():
         out = clf(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
-        ours = finetune.next_token_loss(clf, out.hidden_states[-1], batch)
+        ours = finetune.auxiliary_lm_loss(clf, out.hidden_states[-1], batch)
         theirs = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
         assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
@@ -234,7 +234,7 @@ def test_the_auxiliary_next_token_loss_is_the_lms_own_loss(tmp_path: Path) -> No
         out = clf(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
         torch.manual_seed(1)
         combined = float(finetune.classification_loss(clf, batch, lm_weight=0.5))
-        assert combined == pytest.approx(train_plain + 0.5 * float(finetune.next_token_loss(clf, out.hidden_states[-1],
+        assert combined == pytest.approx(train_plain + 0.5 * float(finetune.auxiliary_lm_loss(clf, out.hidden_states[-1],
                                                                                              batch)), rel=1e-5)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, training_log
 
 from tasks import evaluate, finetune, ingest, metrics, pretrain, tokenize
 from tasks.artifacts import MANIFEST, TokensRef, Workspace
@@ -403,7 +403,7 @@ def test_corrupted_token_file_is_detected(chain: Chain, tmp_path: Path) -> None:
 
 def test_pretrain_learns(chain: Chain, learned_lm) -> None:
     cfg, ref = learned_lm
-    log = pretrain.load_training_log(ref)
+    log = training_log(ref)
     assert ref.meta["steps"] == LEARN_STEPS and ref.meta["resumed_from"] is None
     assert ref.meta["tokens_seen"] == LEARN_STEPS * cfg.batch_size * cfg.block_size
     assert [e["step"] for e in log["evals"]] == [50, 100, 150, 200]
@@ -562,7 +562,8 @@ def test_constant_prediction_scores_the_majority_baseline() -> None:
     train_texts = [f"{words[y]} thing number {i}" for i, y in enumerate(train_y)]
     test_texts = [f"{words[y]} item {i}" for i, y in enumerate(test_y)]
     labels = ["r", "g", "b"]
-    base = evaluate.baselines(train_texts, train_y, test_texts, test_y, labels, seed=0)
+    proba = evaluate.baseline_predictions(train_texts, train_y, test_texts, len(labels), seed=0)
+    base = {name: metrics.classification_metrics(test_y, p.argmax(axis=1), labels) for name, p in proba.items()}
     constant = metrics.classification_metrics(test_y, np.full_like(test_y, 1), labels)
     assert base["majority"] == constant
     assert constant["accuracy"] == base["majority"]["accuracy"] == 0.5

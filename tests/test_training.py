@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, training_log
 from safetensors.torch import load_file
 
 from tasks import faults
@@ -21,7 +21,7 @@ from tasks.artifacts import Workspace
 from tasks.config import load_config
 from tasks.errors import TrainingDiverged
 from tasks.ingest import ingest_corpus
-from tasks.pretrain import build_lm, flops_per_token, load_training_log, pretrain, pretrain_fingerprint
+from tasks.pretrain import build_lm, flops_per_token, pretrain, pretrain_fingerprint
 from tasks.tokenize import tokenize_corpus, train_tokenizer
 from tasks.training import list_checkpoints, lr_lambda, set_threads, train
 
@@ -170,7 +170,7 @@ def test_max_skipped_steps_skips_a_nan_step_and_reports_it(tmp_path: Path, monke
     assert ref.meta["skipped_steps"] == 1 and ref.meta["steps"] == 10 and ref.meta["stop_reason"] == "max_steps"
     # A skipped step is no training step: its tokens are not counted, and step 6 was trained on the next batch.
     assert ref.meta["tokens_seen"] == 10 * 8 * cfg.pretrain.block_size
-    history = load_training_log(ref)["history"]
+    history = training_log(ref)["history"]
     assert [h["step"] for h in history] == list(range(1, 11))
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
     assert all(torch.isfinite(w).all() for w in _weights(ref).values())
@@ -413,8 +413,8 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
     cfg_c, ws_c, tok_c, tokens_c = _prepare(tmp_path / "compiled", *args, "pretrain.compile=true")
     compiled = pretrain(tokens_c, tok_c, cfg_c.model, cfg_c.pretrain, ws_c, cfg_c.seed)
     assert compiled.fingerprint == eager.fingerprint  # compilation is an execution detail
-    loss_e = [h["loss"] for h in load_training_log(eager)["history"]]
-    loss_c = [h["loss"] for h in load_training_log(compiled)["history"]]
+    loss_e = [h["loss"] for h in training_log(eager)["history"]]
+    loss_c = [h["loss"] for h in training_log(compiled)["history"]]
     assert len(loss_c) == len(loss_e) == 12
     assert loss_c[-1] < loss_c[0] - 0.3  # it learns
     assert max(abs(a - b) for a, b in zip(loss_e, loss_c, strict=True)) < 2e-3
@@ -456,7 +456,7 @@ def test_fsdp_two_processes_resume_after_a_crash_and_match_one_process(one_proce
     sharded = pretrain(tokens, tok, cfg.model, sharded_cfg, ws, cfg.seed)
     assert sharded.meta["processes"] == 2 and sharded.meta["resumed_from"] == 4
     assert sharded.meta["tokens_seen"] == single.meta["tokens_seen"]
-    log_1, log_2 = load_training_log(single), load_training_log(sharded)
+    log_1, log_2 = training_log(single), training_log(sharded)
     assert [h["loss"] for h in log_1["history"]] == pytest.approx([h["loss"] for h in log_2["history"]], rel=1e-4)
     assert [h["grad_norm"] for h in log_1["history"]] == pytest.approx([h["grad_norm"] for h in log_2["history"]],
                                                                        rel=1e-3)
