@@ -65,8 +65,7 @@ def files_corpus(ws: Path, path: Path, **extra: str):
 
 
 def labeled_files(ws: Path, train: Path, test: Path | None = None):
-    sets = ["labeled.source=files", f"labeled.train_path={train}"] + ([f"labeled.test_path={test}"] if test else [])
-    cfg = tiny(ws, *sets)
+    cfg = tiny(ws, f"labeled.source={{kind: files, train: '{train}'" + (f", test: '{test}'" if test else "") + "}")
     return lambda: ingest_labeled(cfg.labeled, Workspace(ws), cfg.seed)
 
 
@@ -337,8 +336,8 @@ def deployment_cases(case: Callable, server: PrefectServer, root: Path) -> None:
             return run
 
         case("deployment run: a path outside the allowed folders", "refused, the reason in the run's state",
-             refused("labeled.train_path", "LLMPIPE_DATA_DIRS",
-                     changed("labeled", source="files", train_path=str(outside / "train.csv"))))
+             refused("labeled.source.train", "LLMPIPE_DATA_DIRS",
+                     changed("labeled", source={"kind": "files", "train": str(outside / "train.csv")})))
         case("deployment run: a URL data file", "refused, the reason in the run's state",
              refused("corpus.sources[0].data_files", "LLMPIPE_ALLOW=urls", changed("corpus", sources=[
                  {"kind": "hub", "name": "csv", "data_files": ["https://203.0.113.9/corpus.csv"]}])))
@@ -519,7 +518,7 @@ def main() -> int:
              ws / "w", write(ws, "rows.jsonl", b'{"text": "a", "label": "x"}\n{"text": "b"}\n')), ws / "w"))
     def secret_in_table(ws: Path):
         path = write(ws, "settings.env", b"hello,pos\nworld,neg\napi,HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz012345\n")
-        cfg = tiny(ws / "w", "labeled.source=files", f"labeled.train_path={path}", "labeled.has_header=false",
+        cfg = tiny(ws / "w", f"labeled.source={{kind: files, train: '{path}', has_header: false}}",
                    "labeled.text_column='0'", "labeled.label_column=1", "labeled.labels=[pos, neg]")
         try:
             ingest_labeled(cfg.labeled, Workspace(ws / "w"), cfg.seed)

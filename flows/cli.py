@@ -180,14 +180,14 @@ def preflight(cfg: PipelineConfig) -> None:
     """Cheap checks of inputs before any stage starts."""
     from tasks.sources import check_files
 
-    labeled = cfg.labeled
-    if labeled.source == "files":
-        for field in ("train_path", "validation_path", "test_path"):
-            value = getattr(labeled, field)
+    labeled = cfg.labeled.source
+    if labeled.kind == "files":
+        for split in ("train", "validation", "test"):
+            value = getattr(labeled, split)
             if value and not Path(value).is_file():
-                raise ConfigError(f"labeled.{field}: file not found: {value}")
-    if labeled.source == "dataframe":
-        raise ConfigError("labeled.source: 'dataframe' takes DataFrames passed from Python to ingest_labeled; "
+                raise ConfigError(f"labeled.source.{split}: file not found: {value}")
+    if labeled.kind == "dataframe":
+        raise ConfigError("labeled.source: kind 'dataframe' takes DataFrames passed from Python to ingest_labeled; "
                           "llmpipe run cannot pass them (use 'files' or 'hub')")
     for i, source in enumerate(cfg.corpus.sources):
         field = f"corpus.sources[{i}]"

@@ -6,6 +6,7 @@ YAML presets and the Prefect UI's parameter form. The defaults are the quickstar
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -131,29 +132,98 @@ class CorpusConfig(Section):
         return self
 
 
-class LabeledConfig(Section):
-    """Where labeled text for fine-tuning comes from."""
+class LabeledSample(Section):
+    """The built-in generated sentiment set."""
 
-    source: Literal["sample", "files", "hub", "dataframe"] = Field(
-        "sample", description="'sample': the built-in generated sentiment set; 'files': local CSV/TSV/JSONL/JSON/Parquet "
-        "files; 'hub': a Hugging Face dataset; 'dataframe': pandas DataFrames passed to ingest_labeled from Python.",
+    kind: Literal["sample"] = Field("sample", description="The built-in generated sentiment set.")
+    train_rows: int = Field(4000, ge=20, description="Training examples generated (from the pipeline seed).")
+    eval_rows: int = Field(500, ge=10, description="Validation and test examples generated, each.")
+
+
+class LabeledFiles(Section):
+    """Local CSV, TSV, JSONL, JSON or Parquet files, one per split."""
+
+    kind: Literal["files"] = Field("files", description="Local CSV, TSV, JSONL, JSON or Parquet files.")
+    train: str = Field(..., min_length=1, description="Training file (CSV, TSV, JSONL, JSON or Parquet).")
+    validation: str | None = Field(None, description="Validation file; split off train (stratified) when absent.")
+    test: str | None = Field(None, description="Test file; split off train (stratified) when absent.")
+    has_header: bool = Field(True, description="Whether CSV/TSV files start with a header row (else columns are 0, "
+                             "1, ...).")
+
+
+class LabeledHub(Section):
+    """A Hugging Face dataset through ``datasets.load_dataset`` (or a folder written by ``save_to_disk``)."""
+
+    kind: Literal["hub"] = Field("hub", description="A Hugging Face dataset.")
+    name: str = Field(
+        ..., min_length=1, description="A hub dataset name, or a local folder (save_to_disk output, or data files "
+        "such as train.csv and test.csv).",
     )
-    train_path: str | None = Field(None, description="Training file (CSV, TSV, JSONL, JSON or Parquet) when source='files'.")
-    validation_path: str | None = Field(None, description="Validation file; split off train (stratified) when absent.")
-    test_path: str | None = Field(None, description="Test file; split off train (stratified) when absent.")
-    hub_name: str | None = Field(
-        None, description="Dataset for source='hub': a hub name, or a local folder (save_to_disk output, or data "
-        "files such as train.csv and test.csv).",
+    config: str | None = Field(None, description="Dataset configuration (subset) name.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default: the main branch.")
+    train_split: str = Field("train", description="The dataset's split used for training.")
+    validation_split: str | None = Field(
+        "validation", description="The dataset's validation split; when null or absent, one is split off train.",
     )
-    hub_config: str | None = Field(None, description="Dataset configuration (subset) name for source='hub'.")
-    hub_revision: str | None = Field(None, description="Hub revision for source='hub'.")
-    hub_train_split: str = Field("train", description="The dataset's split used for training (source='hub').")
-    hub_validation_split: str | None = Field(
-        "validation", description="The dataset's validation split (source='hub'); when null or absent, one is split "
-        "off train.",
+    test_split: str | None = Field(
+        "test", description="The dataset's test split; when null or absent, one is split off train.",
     )
-    hub_test_split: str | None = Field(
-        "test", description="The dataset's test split (source='hub'); when null or absent, one is split off train.",
+
+
+class LabeledDataFrames(Section):
+    """pandas DataFrames passed in from Python: ``ingest_labeled(cfg, ws, seed, frames={'train': df, ...})``."""
+
+    kind: Literal["dataframe"] = Field("dataframe", description="pandas DataFrames passed in from Python.")
+
+
+LabeledSource = Annotated[LabeledSample | LabeledFiles | LabeledHub | LabeledDataFrames, Field(discriminator="kind")]
+
+# The flat keys of the labeled section before its source kinds: (kind, field of that kind).
+LEGACY_LABELED_KEYS = {
+    "train_path": ("files", "train"), "validation_path": ("files", "validation"), "test_path": ("files", "test"),
+    "has_header": ("files", "has_header"), "hub_name": ("hub", "name"), "hub_config": ("hub", "config"),
+    "hub_revision": ("hub", "revision"), "hub_train_split": ("hub", "train_split"),
+    "hub_validation_split": ("hub", "validation_split"), "hub_test_split": ("hub", "test_split"),
+    "sample_train": ("sample", "train_rows"), "sample_eval": ("sample", "eval_rows"),
+}
+
+
+def _legacy_labeled(data: Any) -> Any:
+    """Today's shape of a labeled section written in the flat form of before (``source: files`` with
+    ``train_path``, ``hub_name``, ``sample_train`` ...), with a warning that shows the new shape. Keys of another
+    kind than the section's were ignored then and are dropped now."""
+    if not isinstance(data, dict):
+        return data
+    legacy = [k for k in data if k in LEGACY_LABELED_KEYS]
+    source = data.get("source")
+    if not legacy and not isinstance(source, str):
+        return data
+    data = dict(data)
+    if isinstance(source, dict):
+        new = dict(source)
+    else:
+        new = {"kind": source if isinstance(source, str) else "sample"}
+    kind = new.get("kind", "sample")
+    for key in legacy:
+        owner, field = LEGACY_LABELED_KEYS[key]
+        value = data.pop(key)
+        if owner == kind:
+            new.setdefault(field, value)
+    data["source"] = new
+    old = (["source"] if isinstance(source, str) else []) + legacy
+    shown = yaml.safe_dump(new, default_flow_style=True, sort_keys=False).strip()
+    warnings.warn(f"labeled: the flat keys {', '.join(old)} are deprecated; the same settings in today's shape: "
+                  f"labeled.source: {shown} (docs/data.md#labeled-data)", FutureWarning, stacklevel=2)
+    return data
+
+
+class LabeledConfig(Section):
+    """Where labeled text for fine-tuning comes from, and how it is split."""
+
+    source: LabeledSource = Field(
+        default_factory=LabeledSample, description="Where the labeled rows come from: a 'kind' (sample: the built-in "
+        "sentiment set; files: local files; hub: a Hugging Face dataset; dataframe: pandas DataFrames passed to "
+        "ingest_labeled from Python) with its options.",
     )
     text_column: str | list[str] = Field(
         "text", description="Column holding the text; a list of columns is joined with a newline."
@@ -167,7 +237,6 @@ class LabeledConfig(Section):
         default_factory=list, description="The label set in id order; when given, any other label is an error "
         "(default: discovered from the training split).",
     )
-    has_header: bool = Field(True, description="Whether CSV/TSV files start with a header row.")
     validation_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of train split off (stratified) for validation when none is given."
     )
@@ -183,16 +252,11 @@ class LabeledConfig(Section):
         "longest text, and the rest of a held-out group leaves training, so validation measures unseen sentences "
         "rather than memorised parts of them.",
     )
-    sample_train: int = Field(4000, ge=20, description="Training examples generated when source='sample'.")
-    sample_eval: int = Field(500, ge=10, description="Validation and test examples generated when source='sample'.")
 
-    @model_validator(mode="after")
-    def _source_fields(self) -> LabeledConfig:
-        if self.source == "files" and not self.train_path:
-            raise ValueError("labeled.train_path is required when labeled.source is 'files'")
-        if self.source == "hub" and not self.hub_name:
-            raise ValueError("labeled.hub_name is required when labeled.source is 'hub'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_form(cls, data: Any) -> Any:
+        return _legacy_labeled(data)
 
     @property
     def text_columns(self) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from tasks import sample_data
 from tasks.artifacts import CorpusRef, LabeledRef, Workspace, file_sha256, fingerprint, write_json
-from tasks.config import CorpusConfig, LabeledConfig
+from tasks.config import CorpusConfig, LabeledConfig, LabeledHub
 from tasks.errors import ConfigError, DataError
 from tasks.redact import excerpt
 from tasks.sources import (
@@ -271,14 +271,14 @@ class _LabeledReader:
         return out
 
 
-def _read_table(path: Path, cfg: LabeledConfig, reader: _LabeledReader | None = None,
-                split: str = "train") -> list[dict[str, Any]]:
+def _read_table(path: Path, cfg: LabeledConfig, has_header: bool, reader: _LabeledReader,
+                split: str) -> list[dict[str, Any]]:
     """Labeled rows of a CSV, TSV, JSONL, JSON or Parquet file."""
     if not path.is_file():
         raise DataError(f"labeled data file not found: {path}")
     fmt = file_format(path, default="sniff")
-    rows = table_rows(path, fmt, [*cfg.text_columns, cfg.label_column], Utf8Policy("fail"), cfg.has_header)
-    return (reader or _LabeledReader(cfg)).rows(str(path), rows, split)
+    rows = table_rows(path, fmt, [*cfg.text_columns, cfg.label_column], Utf8Policy("fail"), has_header)
+    return reader.rows(str(path), rows, split)
 
 
 def _class_label_names(ds: Any, column: str) -> dict[str, str] | None:
@@ -288,25 +288,52 @@ def _class_label_names(ds: Any, column: str) -> dict[str, str] | None:
     return {str(i): n for i, n in enumerate(names)} if names else None
 
 
+def _hub_splits(src: LabeledHub) -> dict[str, str | None]:
+    """The dataset's split names for train, validation and test."""
+    return {"train": src.train_split, "validation": src.validation_split, "test": src.test_split}
+
+
+def fingerprinted(cfg: LabeledConfig) -> dict[str, Any]:
+    """The labeled section as the fingerprint hashes it: in the flat form it had before its source kinds, so that
+    labeled artifacts built before are found again. The fields of the kinds not chosen keep their defaults of
+    then."""
+    src = cfg.source
+    flat: dict[str, Any] = {
+        "source": src.kind, "train_path": None, "validation_path": None, "test_path": None, "has_header": True,
+        "hub_name": None, "hub_config": None, "hub_revision": None, "hub_train_split": "train",
+        "hub_validation_split": "validation", "hub_test_split": "test", "sample_train": 4000, "sample_eval": 500,
+    }
+    if src.kind == "files":
+        flat.update(train_path=src.train, validation_path=src.validation, test_path=src.test,
+                    has_header=src.has_header)
+    elif src.kind == "hub":
+        flat.update(hub_name=src.name, hub_config=src.config, hub_revision=src.revision,
+                    hub_train_split=src.train_split, hub_validation_split=src.validation_split,
+                    hub_test_split=src.test_split)
+    elif src.kind == "sample":
+        flat.update(sample_train=src.train_rows, sample_eval=src.eval_rows)
+    return {**cfg.model_dump(mode="json", exclude={"source"}), **flat}
+
+
 def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] | None) -> tuple[Any, Any]:
     """What the labeled data is (for the fingerprint) and a function that reads it into splits."""
     need = [*cfg.text_columns, cfg.label_column]
-    if cfg.source == "sample":
-        return ({"sample": sample_data.VERSION, "seed": seed, "train": cfg.sample_train, "eval": cfg.sample_eval},
-                None)
-    if cfg.source == "files":
-        paths = {s: getattr(cfg, f"{s}_path") for s in SPLITS if getattr(cfg, f"{s}_path")}
+    src = cfg.source
+    if src.kind == "sample":
+        return {"sample": sample_data.VERSION, "seed": seed, "train": src.train_rows, "eval": src.eval_rows}, None
+    if src.kind == "files":
+        paths = {s: getattr(src, s) for s in SPLITS if getattr(src, s)}
         for split, p in paths.items():
             if not Path(p).is_file():
-                raise DataError(f"labeled.{split}_path: file not found: {p}")
+                raise DataError(f"labeled.source.{split}: file not found: {p}")
         return [(s, p, file_sha256(Path(p))) for s, p in paths.items()], None
-    if cfg.source == "hub":
-        available = hub_dataset_splits(cfg.hub_name, cfg.hub_config, cfg.hub_revision)
-        names = {"train": cfg.hub_train_split, "validation": cfg.hub_validation_split, "test": cfg.hub_test_split}
+    if src.kind == "hub":
+        available = hub_dataset_splits(src.name, src.config, src.revision)
+        names = _hub_splits(src)
         chosen = {s: available[name] for s, name in names.items() if name and name in available}
-        label = f"dataset {cfg.hub_name!r}"
+        label = f"dataset {src.name!r}"
         if "train" not in chosen:
-            raise DataError(f"{label}: no split {cfg.hub_train_split!r} for training (labeled.hub_train_split); "
+            raise DataError(f"{label}: no split {src.train_split!r} for training (labeled.source.train_split); "
                             f"splits present: {names_excerpt(available)}")
         for split, ds in chosen.items():
             if any(c not in ds.column_names for c in need):
@@ -316,7 +343,7 @@ def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] |
         return [(s, names[s], ds._fingerprint) for s, ds in chosen.items()], chosen
     frames = dict(frames or {})
     if "train" not in frames:
-        raise ConfigError("labeled.source is 'dataframe': pass the DataFrames to ingest_labeled as "
+        raise ConfigError("labeled.source.kind is 'dataframe': pass the DataFrames to ingest_labeled as "
                           "frames={'train': df, ...} (validation and test optional)")
     unknown = sorted(set(frames) - set(SPLITS))
     if unknown:
@@ -335,33 +362,34 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
     """Read labeled text, map labels to ids (``id2label``), and fix train/validation/test splits.
 
     Splits the source provides are used as given; missing ones are split off train, stratified by label.
-    ``frames`` maps split names to pandas DataFrames when ``cfg.source`` is 'dataframe'.
+    ``frames`` maps split names to pandas DataFrames when ``cfg.source.kind`` is 'dataframe'.
     """
     identity, loaded = _labeled_identity(cfg, seed, frames)
-    fp = fingerprint(STAGE_VERSION, identity, cfg, seed)
+    fp = fingerprint(STAGE_VERSION, identity, fingerprinted(cfg), seed)
 
     def build(out: Path) -> dict[str, Any]:
         need = [*cfg.text_columns, cfg.label_column]
         reader = _LabeledReader(cfg)
         splits: dict[str, list[dict]] = {}
         origin: dict[str, str] = {}
-        if cfg.source == "sample":
+        src = cfg.source
+        if src.kind == "sample":
             data = sample_data.sentiment_dataset(
-                seed=seed, n_train=cfg.sample_train, n_validation=cfg.sample_eval, n_test=cfg.sample_eval
+                seed=seed, n_train=src.train_rows, n_validation=src.eval_rows, n_test=src.eval_rows
             )
             splits = {k: [{"text": r["text"], "label": r["label"]} for r in v] for k, v in data.items()}
             origin = {k: "built-in sample" for k in splits}
-        elif cfg.source == "files":
+        elif src.kind == "files":
             for split in SPLITS:
-                p = getattr(cfg, f"{split}_path")
+                p = getattr(src, split)
                 if p:
-                    splits[split] = _read_table(Path(p), cfg, reader, split)
+                    splits[split] = _read_table(Path(p), cfg, src.has_header, reader, split)
                     origin[split] = p
-        elif cfg.source == "hub":
+        elif src.kind == "hub":
             reader.names = reader.names or _class_label_names(loaded["train"], cfg.label_column) or {}
-            names = {"train": cfg.hub_train_split, "validation": cfg.hub_validation_split, "test": cfg.hub_test_split}
+            names = _hub_splits(src)
             for split, ds in loaded.items():
-                origin[split] = f"dataset {cfg.hub_name!r} split {names[split]!r}"
+                origin[split] = f"dataset {src.name!r} split {names[split]!r}"
                 splits[split] = reader.rows(origin[split], hub_rows(ds, need, origin[split]), split)
         else:
             for split, df in loaded.items():

@@ -157,13 +157,13 @@ def check_config(cfg: Any, policy: Policy, refs: Mapping[str, Any] | None = None
                     c.capability(f"{field}.data_files", "a data file given as a URL", "urls")
                 else:
                     c.readable(f"{field}.data_files", data_file)
-    labeled = cfg.labeled
-    if labeled.source == "files":
-        for name in ("train_path", "validation_path", "test_path"):
-            if getattr(labeled, name):
-                c.readable(f"labeled.{name}", getattr(labeled, name))
-    elif labeled.source == "hub" and labeled.hub_name:
-        c.source("labeled.hub_name", labeled.hub_name, "a data set")
+    labeled = cfg.labeled.source
+    if labeled.kind == "files":
+        for split in ("train", "validation", "test"):
+            if getattr(labeled, split):
+                c.readable(f"labeled.source.{split}", getattr(labeled, split))
+    elif labeled.kind == "hub":
+        c.source("labeled.source.name", labeled.name, "a data set")
     if cfg.tokenizer.pretrained:
         c.source("tokenizer.pretrained", cfg.tokenizer.pretrained, "a tokenizer")
     if cfg.model.init_from:

@@ -10,6 +10,9 @@ from pydantic import BaseModel
 
 from tasks.config import (
     CONFIG_DIR,
+    LabeledFiles,
+    LabeledHub,
+    LabeledSample,
     PipelineConfig,
     flatten,
     load_config,
@@ -21,10 +24,13 @@ from tasks.errors import ConfigError, LlmpipeError
 
 
 def _leaf_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
-    """Dotted names of every scalar field, read from the model classes themselves (not from flatten)."""
+    """Dotted names of every scalar field, read from the model classes themselves (not from flatten); a section
+    that is one of several kinds (``labeled.source``) has the fields of its default kind."""
     out: set[str] = set()
     for name, info in model.model_fields.items():
         ann = info.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)) and info.discriminator:
+            ann = type(info.get_default(call_default_factory=True))
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out |= _leaf_fields(ann, f"{prefix}{name}.")
         else:
@@ -176,7 +182,7 @@ def test_heads_must_divide_hidden_size() -> None:
     ("overrides", "named"),
     [
         (["corpus.sources=[{kind: files}]"], "corpus.sources.0.files.paths"),
-        (["labeled.source=files"], "labeled.train_path"),
+        (["labeled.source={kind: files}"], "labeled.source.files.train"),
         (["corpus.sources=[{kind: web}]"], "corpus.sources.0"),
         (["tokenizer.vocab_size=257"], "tokenizer.vocab_size"),
         (["registry.model_name=-bad name"], "registry.model_name"),
@@ -243,3 +249,30 @@ def test_every_cross_field_problem_is_named_at_once() -> None:
         load_config(None, ["pretrain.block_size=256", "finetune.max_length=256"])
     msg = str(info.value)
     assert "pretrain.block_size" in msg and "finetune.max_length" in msg
+
+
+# ---------------------------------------------------------------- labeled data: kinds of source
+
+
+def test_labeled_source_is_one_of_four_kinds_each_with_its_options() -> None:
+    cfg = load_config(None, ["labeled.source={kind: files, train: a.csv, test: b.csv, has_header: false}"])
+    assert cfg.labeled.source == LabeledFiles(train="a.csv", test="b.csv", has_header=False)
+    assert load_config("sst2").labeled.source == LabeledHub(name="stanfordnlp/sst2", validation_split=None,
+                                                            test_split="validation")
+    assert PipelineConfig().labeled.source == LabeledSample(train_rows=4000, eval_rows=500)
+    with pytest.raises(ConfigError, match=r"labeled\.source\.files\.train: Field required"):
+        load_config(None, ["labeled.source={kind: files}"])
+    with pytest.raises(ConfigError, match=r"labeled\.source\.hub\.train: unknown key"):
+        load_config(None, ["labeled.source={kind: hub, name: x, train: a.csv}"])
+
+
+def test_flat_labeled_keys_of_before_still_work_with_a_warning_that_shows_the_new_shape() -> None:
+    with pytest.warns(FutureWarning, match=r"labeled\.source: \{kind: files, train: a\.csv, has_header: false\}"):
+        cfg = load_config(None, ["labeled.source=files", "labeled.train_path=a.csv", "labeled.has_header=false",
+                                 "labeled.hub_name=ignored, as before"])
+    assert cfg.labeled.source == LabeledFiles(train="a.csv", has_header=False)
+    with pytest.warns(FutureWarning, match="hub_name, hub_test_split"):
+        hub = load_config(None, ["labeled.source=hub", "labeled.hub_name=x/y", "labeled.hub_test_split=validation"])
+    assert hub.labeled.source == LabeledHub(name="x/y", test_split="validation")
+    with pytest.warns(FutureWarning, match="sample_train"):
+        assert load_config(None, ["labeled.sample_train=100"]).labeled.source == LabeledSample(train_rows=100)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,20 @@ from tasks.distributed import die_with_parent
 DEPLOYMENTS = {"llm_pipeline/nightly", "llm_pipeline/cpu", "pretrain/gpu", "finetune/gpu"}
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The model classes a field holds: a section, each kind of a union of kinds, a list's items."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
 def config_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> Iterator[tuple[str, type, str]]:
-    """(dotted path, model class, field name) for every field of the config, sections included."""
+    """(dotted path, model class, field name) for every field of the config, sections and each kind of a source
+    (``corpus.sources[]``, ``labeled.source``) included."""
     for name, field in model.model_fields.items():
         yield f"{prefix}{name}", model, name
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            yield from config_fields(field.annotation, f"{prefix}{name}.")
+        for inner in _models_in(field.annotation):
+            yield from config_fields(inner, f"{prefix}{name}.{inner.__name__ + '.' if inner is not field.annotation else ''}")
 
 
 def form_problems(schema: dict[str, Any]) -> list[str]:
@@ -45,7 +54,7 @@ def form_problems(schema: dict[str, Any]) -> list[str]:
             continue
         if prop.get("description") != model.model_fields[name].description:
             problems.append(f"{path}: description {prop.get('description')!r}")
-        if not {"type", "enum", "anyOf", "allOf", "$ref"} & prop.keys():
+        if not {"type", "enum", "anyOf", "oneOf", "allOf", "$ref"} & prop.keys():
             problems.append(f"{path}: no type")
     if schema["properties"]["config"].get("default") != PipelineConfig().model_dump(mode="json"):
         problems.append("config: default is not the built-in config")
@@ -400,8 +409,8 @@ def test_deployment_runs_may_not_reach_beyond_what_the_operator_allows(stack: St
 
     # The operator's own command line keeps its freedom: the same data file trains and registers.
     run = stack.llmpipe("run", "--config", "tiny", "--set", f"workspace={stack.root / 'ws-operator'}",
-                        "--set", "registry.model_name=operator-model", "--set", "labeled.source=files",
-                        "--set", f"labeled.train_path={train_csv}")
+                        "--set", "registry.model_name=operator-model",
+                        "--set", f"labeled.source={{kind: files, train: {train_csv}}}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "models:/operator-model/1 registered" in run.stdout
 
@@ -420,8 +429,8 @@ def _refusals(stack: Stack, ws: Path, train_csv: Path, worker_log: Path) -> None
         return cfg
 
     cases = {
-        "labeled.train_path": (with_changes(labeled={"source": "files", "train_path": str(train_csv)}),
-                               "LLMPIPE_DATA_DIRS"),
+        "labeled.source.train": (with_changes(labeled={"source": {"kind": "files", "train": str(train_csv)}}),
+                                 "LLMPIPE_DATA_DIRS"),
         "corpus.sources[0].data_files": (with_changes(corpus={"sources": [
             {"kind": "hub", "name": "csv", "data_files": ["https://203.0.113.9/corpus.csv"]}]}), "LLMPIPE_ALLOW=urls"),
         "model.trust_remote_code": (with_changes(model={"trust_remote_code": True}), "LLMPIPE_ALLOW=remote_code"),

@@ -123,7 +123,7 @@ def test_failures_reach_prefect_redacted_and_a_training_stage_past_its_limit_is_
         corpus = steps.ingest_corpus(config)
         tokenizer = steps.train_tokenizer(config, corpus)
         tokens = steps.tokenize_corpus(config, corpus, tokenizer)
-        if config.labeled.source == "files":
+        if config.labeled.source.kind == "files":
             return steps.ingest_labeled(config)
         return steps.pretrain_lm(config, tokens, tokenizer)
 
@@ -139,7 +139,7 @@ def test_failures_reach_prefect_redacted_and_a_training_stage_past_its_limit_is_
 
     # A secret in a path: the task's and the flow's failure messages show it masked.
     secret = tmp_path / "api_key=s3cr3t-value-123" / "train.csv"
-    state = stages(tiny_config(tmp_path / "ws", "labeled.source=files", f"labeled.train_path={secret}"),
+    state = stages(tiny_config(tmp_path / "ws", f"labeled.source={{kind: files, train: '{secret}'}}"),
                    return_state=True)
     assert state.is_failed() and "s3cr3t-value-123" not in state.message and "api_key=***" in state.message
     failed = task_runs(state)["ingest-labeled"]

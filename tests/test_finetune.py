@@ -16,7 +16,7 @@ from conftest import tiny_config
 
 from tasks import classifier, evaluate, faults, finetune, ingest, metrics, pretrain, tokenize
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
-from tasks.config import FinetuneConfig, LabeledConfig, PipelineConfig, load_config
+from tasks.config import FinetuneConfig, LabeledConfig, LabeledFiles, PipelineConfig, load_config
 from tasks.errors import ConfigError, DataError
 from tasks.training import ShuffledIndices, list_checkpoints, set_threads, train
 
@@ -91,8 +91,8 @@ def write_labeled_csvs(root: Path, counts: dict[str, dict[str, int]]) -> Labeled
             for label, n in per_label.items():
                 for i in range(n):
                     writer.writerow([f"{split} note {i} about the parcel: it was {label}, number {i * 13 % 97}", label])
-    return LabeledConfig(source="files", train_path=str(paths["train"]), validation_path=str(paths["validation"]),
-                         test_path=str(paths["test"]))
+    return LabeledConfig(source=LabeledFiles(train=str(paths["train"]), validation=str(paths["validation"]),
+                                             test=str(paths["test"])))
 
 
 # ================================================================ batching and truncation
@@ -312,9 +312,9 @@ def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_
             for i in range(start, start + n):
                 for label in ("negative", "positive"):
                     writer.writerow([f"{'so ' * (i % 4)}the parcel {i} was {label} today", label])
-    labeled = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(paths["train"]),
-                                                  validation_path=str(paths["validation"]),
-                                                  test_path=str(paths["test"])), setup.ws, 0)
+    labeled = ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(paths["train"]),
+                                                                      validation=str(paths["validation"]),
+                                                                      test=str(paths["test"]))), setup.ws, 0)
     bert = build_tiny_bert(tmp_path / "bert", _texts(labeled, "train"))
     with pytest.raises(ConfigError, match=r"finetune\.lm_loss_weight=0\.2: .* is not a causal LM"):
         finetune.finetune(None, labeled, _ft(setup, init_from=str(bert), lm_loss_weight=0.2), setup.ws, 0)
@@ -493,11 +493,11 @@ SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "tokenizer.voca
 
 def test_presets_read_hub_datasets_by_default() -> None:
     sst2, sms = load_config("sst2"), load_config("sms-spam")
-    assert sst2.labeled.source == "hub" and sst2.labeled.hub_name == "stanfordnlp/sst2"
-    assert sst2.labeled.hub_test_split == "validation"  # GLUE dev: the usual SST-2 evaluation split
+    assert sst2.labeled.source.kind == "hub" and sst2.labeled.source.name == "stanfordnlp/sst2"
+    assert sst2.labeled.source.test_split == "validation"  # GLUE dev: the usual SST-2 evaluation split
     assert sst2.labeled.split_groups == "contained_text"  # validation holds out whole sentences
     assert [s.kind for s in sst2.corpus.sources] == ["hub"] and sst2.corpus.sources[0].split == "train"
-    assert sms.labeled.source == "hub" and sms.labeled.test_fraction == 0.2
+    assert sms.labeled.source.kind == "hub" and sms.labeled.test_fraction == 0.2
     assert sms.corpus.sources[0].kind == "hub"
 
 
@@ -506,8 +506,7 @@ def test_sst2_preset_on_local_glue_files(shared_data: Path, tmp_path: Path) -> N
     d = shared_data / "sst2"
     cfg = load_config("sst2", [f"workspace={tmp_path / 'ws'}", *SMALL,
                                f"corpus.sources=[{{kind: files, paths: [{d / 'train.tsv'}], text_columns: [sentence]}}]",
-                               "labeled.source=files", f"labeled.train_path={d / 'train.tsv'}",
-                               f"labeled.test_path={d / 'dev.tsv'}"])
+                               f"labeled.source={{kind: files, train: {d / 'train.tsv'}, test: {d / 'dev.tsv'}}}"])
     out = _run_chain(cfg)
     assert out["report"]["test_rows"] == 872 and out["report"]["labels"] == ["negative", "positive"]
     # 10% of the 6,886 source sentences held out whole for validation; their phrases left training.
@@ -522,7 +521,7 @@ def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Pa
     cfg = load_config("sms-spam", [f"workspace={tmp_path / 'ws'}", *SMALL,
                                    f"corpus.sources=[{{kind: files, paths: [{f}], format: tsv, has_header: false, "
                                    "text_columns: ['1']}]",
-                                   "labeled.source=files", f"labeled.train_path={f}", "labeled.has_header=false",
+                                   f"labeled.source={{kind: files, train: {f}, has_header: false}}",
                                    "labeled.text_column='1'", "labeled.label_column=0"])
     out = _run_chain(cfg)
     rows = out["labeled"].meta["rows"]

@@ -19,6 +19,9 @@ from tasks.config import (
     FilesSource,
     HubSource,
     LabeledConfig,
+    LabeledDataFrames,
+    LabeledFiles,
+    LabeledHub,
     SampleSource,
     load_config,
 )
@@ -323,7 +326,7 @@ def test_labeled_hub_dataset_uses_given_splits_and_class_names(tmp_path: Path, w
     saved = tmp_path / "sst"
     datasets.DatasetDict({"train": split(_labeled_frame(20)), "validation": split(_labeled_frame(4, start=100))}
                          ).save_to_disk(str(saved))
-    cfg = LabeledConfig(source="hub", hub_name=str(saved), text_column="sentence")
+    cfg = LabeledConfig(source=LabeledHub(name=str(saved)), text_column="sentence")
     ref = ingest.ingest_labeled(cfg, ws)
     assert ingest.load_id2label(ref) == {0: "negative", 1: "positive"}
     assert ref.meta["splits_given"] == ["train", "validation"]
@@ -335,7 +338,7 @@ def test_labeled_hub_dataset_uses_given_splits_and_class_names(tmp_path: Path, w
 
 
 def test_labeled_dataframes_with_label_names_and_two_text_columns(ws: Workspace) -> None:
-    cfg = LabeledConfig(source="dataframe", text_column=["title", "review"], label_column="stars",
+    cfg = LabeledConfig(source=LabeledDataFrames(), text_column=["title", "review"], label_column="stars",
                         label_names=["bad", "good"])
     frames = {"train": _labeled_frame(30), "test": _labeled_frame(5, start=500)}
     ref = ingest.ingest_labeled(cfg, ws, frames=frames)
@@ -354,18 +357,30 @@ def test_labeled_unknown_label_in_a_given_split_names_file_and_row(tmp_path: Pat
     test = _labeled_frame(3, start=50)
     test.loc[4, "stars"] = 5
     test.to_csv(tmp_path / "test.csv", index=False)
-    cfg = LabeledConfig(source="files", train_path=str(tmp_path / "train.parquet"),
-                        test_path=str(tmp_path / "test.csv"), text_column="review", label_column="stars")
+    cfg = LabeledConfig(source=LabeledFiles(train=str(tmp_path / "train.parquet"), test=str(tmp_path / "test.csv")),
+                        text_column="review", label_column="stars")
     with pytest.raises(DataError) as info:
         ingest.ingest_labeled(cfg, ws)
     msg = str(info.value)
     assert f"{tmp_path / 'test.csv'}: row 6: label '5' does not occur in training labels ['0', '1']" in msg
 
 
+def test_labeled_fingerprints_hash_the_flat_form_of_before_the_source_kinds(tmp_path: Path, ws: Workspace) -> None:
+    """Labeled artifacts built before ``labeled.source`` had kinds keep their fingerprints, so they are reused."""
+    assert ingest.ingest_labeled(load_config("tiny").labeled, ws).fingerprint == "cfd30be0f887e5465b81"
+    files = LabeledConfig(source=LabeledFiles(train="t.csv", test="d.csv", has_header=False), text_column="0")
+    assert ingest.fingerprinted(files) == {
+        "source": "files", "train_path": "t.csv", "validation_path": None, "test_path": "d.csv", "has_header": False,
+        "hub_name": None, "hub_config": None, "hub_revision": None, "hub_train_split": "train",
+        "hub_validation_split": "validation", "hub_test_split": "test", "sample_train": 4000, "sample_eval": 500,
+        "text_column": "0", "label_column": "label", "label_names": [], "labels": [], "validation_fraction": 0.1,
+        "test_fraction": 0.1, "split_groups": "none"}
+
+
 def test_labeled_declared_label_set_and_missing_label(tmp_path: Path, ws: Workspace) -> None:
     df = _labeled_frame(10, labels=("neg", "pos"))
     path = _write_jsonl(tmp_path / "t.jsonl", df.to_dict("records"))
-    cfg = LabeledConfig(source="files", train_path=str(path), text_column="review", label_column="stars",
+    cfg = LabeledConfig(source=LabeledFiles(train=str(path)), text_column="review", label_column="stars",
                         labels=["pos", "neg", "neutral"])
     ref = ingest.ingest_labeled(cfg, ws)
     assert ingest.load_id2label(ref) == {0: "pos", 1: "neg", 2: "neutral"}  # the declared order
@@ -390,8 +405,8 @@ def test_labeled_env_file_read_as_csv_keeps_its_secrets_out_of_the_error(tmp_pat
                                                                          has_header: bool) -> None:
     env = tmp_path / "prod.env"  # no known suffix: sniffed as CSV
     env.write_text(f"HF_TOKEN={SECRET}\nMLFLOW_TRACKING_URI=http://svc:pa55word@mlflow:5000\n", encoding="utf-8")
-    cfg = LabeledConfig(source="files", train_path=str(env), has_header=has_header, text_column="0",
-                        label_column="0", labels=["negative", "positive"])
+    cfg = LabeledConfig(source=LabeledFiles(train=str(env), has_header=has_header), text_column="0", label_column="0",
+                        labels=["negative", "positive"])
     with pytest.raises(DataError) as info:
         ingest.ingest_labeled(cfg, ws)
     msg = str(info.value)
@@ -411,7 +426,7 @@ def test_labeled_label_values_in_errors_are_short_excerpts(tmp_path: Path, ws: W
     test["stars"] = test["stars"].astype(object)
     test.loc[2, "stars"] = long_label
     test.to_csv(tmp_path / "test.csv", index=False)
-    cfg = LabeledConfig(source="files", train_path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
+    cfg = LabeledConfig(source=LabeledFiles(train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv")),
                         text_column="review", label_column="stars")
     with pytest.raises(DataError) as info:
         ingest.ingest_labeled(cfg, ws)
@@ -428,7 +443,7 @@ def test_labeled_csv_row_with_an_unquoted_comma_fails_instead_of_shifting_the_la
     path = tmp_path / "train.csv"
     rows = "".join(f"review {i},{('neg', 'pos')[i % 2]}\n" for i in range(20))
     path.write_text(f"text,label\n{rows}great, really great,pos\n", encoding="utf-8")
-    cfg = LabeledConfig(source="files", train_path=str(path))
+    cfg = LabeledConfig(source=LabeledFiles(train=str(path)))
     with pytest.raises(DataError) as info:
         ingest.ingest_labeled(cfg, ws)
     assert f"{path}: line 22: 3 fields, expected 2 as in the header (line 1)" in str(info.value)
@@ -440,7 +455,7 @@ def test_labeled_jsonl_row_without_the_label_key_names_line_and_key(tmp_path: Pa
     rows = _labeled_frame(10).to_dict("records")
     del rows[2]["stars"]
     path = _write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = LabeledConfig(source="files", train_path=str(path), text_column="review", label_column="stars")
+    cfg = LabeledConfig(source=LabeledFiles(train=str(path)), text_column="review", label_column="stars")
     with pytest.raises(DataError, match=r"train\.jsonl: line 3: no column 'stars'; columns present: title, review$"):
         ingest.ingest_labeled(cfg, ws)
 
@@ -493,8 +508,8 @@ def _phrase_frame(n_sentences: int) -> pd.DataFrame:
 
 def test_labeled_split_groups_hold_out_whole_sentences_and_drop_their_phrases(ws: Workspace) -> None:
     frame = _phrase_frame(60)
-    plain = ingest.ingest_labeled(LabeledConfig(source="dataframe"), ws, frames={"train": frame})
-    grouped_cfg = LabeledConfig(source="dataframe", split_groups="contained_text")
+    plain = ingest.ingest_labeled(LabeledConfig(source=LabeledDataFrames()), ws, frames={"train": frame})
+    grouped_cfg = LabeledConfig(source=LabeledDataFrames(), split_groups="contained_text")
     grouped = ingest.ingest_labeled(grouped_cfg, ws, frames={"train": frame})
     assert grouped.fingerprint != plain.fingerprint
     train = [r["text"] for r in ingest.load_split(grouped, "train")]
@@ -517,8 +532,8 @@ def test_labeled_split_groups_hold_out_whole_sentences_and_drop_their_phrases(ws
 
 
 def test_labeled_real_sst2_and_sms_spam(shared_data: Path, ws: Workspace) -> None:
-    sst = LabeledConfig(source="files", train_path=str(shared_data / "sst2" / "train.tsv"),
-                        validation_path=str(shared_data / "sst2" / "dev.tsv"), text_column="sentence",
+    sst = LabeledConfig(source=LabeledFiles(train=str(shared_data / "sst2" / "train.tsv"),
+                                            validation=str(shared_data / "sst2" / "dev.tsv")), text_column="sentence",
                         label_names=["negative", "positive"])
     ref = ingest.ingest_labeled(sst, ws)
     assert ref.meta["splits_given"] == ["train", "validation"]
@@ -531,8 +546,8 @@ def test_labeled_real_sst2_and_sms_spam(shared_data: Path, ws: Workspace) -> Non
     test = ingest.load_split(ref, "test")
     assert len(test) == 689 and ref.meta["rows"]["train"] == 67349 - 689 - 5950
     assert 18 < sum(len(r["text"].split()) for r in test) / len(test) < 21
-    spam = LabeledConfig(source="files", train_path=str(shared_data / "sms_spam" / "SMSSpamCollection"),
-                         has_header=False, text_column="1", label_column="0")
+    spam = LabeledConfig(source=LabeledFiles(train=str(shared_data / "sms_spam" / "SMSSpamCollection"),
+                                             has_header=False), text_column="1", label_column="0")
     ref = ingest.ingest_labeled(spam, ws)
     balance = ref.meta["class_balance"]
     assert sum(balance[s]["ham"] for s in balance) == 4827 and sum(balance[s]["spam"] for s in balance) == 747

@@ -40,14 +40,14 @@ def test_the_default_policy_admits_the_built_in_sample_in_the_default_workspace(
 def test_every_field_that_reaches_out_is_refused_naming_it_and_the_setting(place) -> None:
     cfg = tiny_config(place["ws"], f"corpus.sources=[{{kind: files, paths: [{place['outside'] / 'secret.txt'}]}}, "
                       "{kind: hub, name: wikitext, data_files: ['https://203.0.113.9/x.csv']}]",
-                      "labeled.source=files", f"labeled.train_path={place['outside'] / 'secret.txt'}",
+                      f"labeled.source={{kind: files, train: {place['outside'] / 'secret.txt'}}}",
                       "tokenizer.pretrained=gpt2", "model.trust_remote_code=true", "finetune.init_from=bert-base-cased",
                       f"evaluate.lm_heldout_paths=[{place['outside'] / 'secret.txt'}]", "pretrain.nnodes=2")
     message = _refused(cfg, Policy.from_env({}, cwd=place["root"]), job_variables={"command": "sh", "env": {}})
     for field, setting in [("workspace", "LLMPIPE_WORKSPACE_DIRS"), ("corpus.sources[0].paths", "LLMPIPE_DATA_DIRS"),
                            ("corpus.sources[1].name", "LLMPIPE_ALLOW=hub"),
                            ("corpus.sources[1].data_files", "LLMPIPE_ALLOW=urls"),
-                           ("labeled.train_path", "LLMPIPE_DATA_DIRS"), ("tokenizer.pretrained", "LLMPIPE_ALLOW=hub"),
+                           ("labeled.source.train", "LLMPIPE_DATA_DIRS"), ("tokenizer.pretrained", "LLMPIPE_ALLOW=hub"),
                            ("model.trust_remote_code", "LLMPIPE_ALLOW=remote_code"),
                            ("finetune.init_from", "LLMPIPE_ALLOW=hub"),
                            ("evaluate.lm_heldout_paths", "LLMPIPE_DATA_DIRS"),

@@ -26,7 +26,7 @@ from conftest import mini_config
 from flows.cli import main as cli
 from tasks import gate, metrics, predict, registry
 from tasks.artifacts import CheckpointRef, LabeledRef, ReportRef, Workspace, fingerprint
-from tasks.config import LabeledConfig, PipelineConfig
+from tasks.config import LabeledConfig, LabeledFiles, PipelineConfig
 from tasks.distributed import die_with_parent
 from tasks.errors import LlmpipeError
 
@@ -249,9 +249,9 @@ def test_the_quality_floor_needs_a_significant_win_over_the_baselines(tmp_path: 
     for split, rows in data.items():
         paths[split] = tmp_path / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    labeled = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(paths["train"]),
-                                                  validation_path=str(paths["validation"]),
-                                                  test_path=str(paths["test"])), Workspace(tmp_path / "ws"))
+    labeled = ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(paths["train"]),
+                                                                      validation=str(paths["validation"]),
+                                                                      test=str(paths["test"]))), Workspace(tmp_path / "ws"))
     _, y_true, label2id = gate.held_out_split(labeled)
     y_true = np.array(y_true)
     reg = RegistryConfig(significance_test=test, alpha=0.9)
@@ -526,8 +526,8 @@ def _labeled_set(models: Models, root: Path, name: str, test_rows: list[dict]) -
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths["test"] = folder / "test.jsonl"
     paths["test"].write_text("".join(json.dumps(r) + "\n" for r in test_rows))
-    cfg = LabeledConfig(source="files", train_path=str(paths["train"]), validation_path=str(paths["validation"]),
-                        test_path=str(paths["test"]))
+    cfg = LabeledConfig(source=LabeledFiles(train=str(paths["train"]), validation=str(paths["validation"]),
+                                            test=str(paths["test"])))
     return ingest.ingest_labeled(cfg, models.ws, models.cfg.seed)
 
 

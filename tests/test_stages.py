@@ -18,6 +18,7 @@ from tasks.config import (
     CorpusConfig,
     FilesSource,
     LabeledConfig,
+    LabeledFiles,
     PipelineConfig,
     TokenizerConfig,
     load_config,
@@ -236,12 +237,9 @@ def test_ingest_labeled_from_files_discovers_string_labels(tmp_path: Path, suffi
     train = _labeled_rows(10)
     val = _labeled_rows(2, start=100)
     test = _labeled_rows(3, start=200)
-    cfg = LabeledConfig(
-        source="files",
-        train_path=str(_write_table(tmp_path / f"train{suffix}", train)),
-        validation_path=str(_write_table(tmp_path / f"val{suffix}", val)),
-        test_path=str(_write_table(tmp_path / f"test{suffix}", test)),
-    )
+    cfg = LabeledConfig(source=LabeledFiles(train=str(_write_table(tmp_path / f"train{suffix}", train)),
+                                            validation=str(_write_table(tmp_path / f"val{suffix}", val)),
+                                            test=str(_write_table(tmp_path / f"test{suffix}", test))))
     ref = ingest.ingest_labeled(cfg, Workspace(tmp_path / "ws"))
     id2label = ingest.load_id2label(ref)
     assert id2label == {0: "neg", 1: "neutral", 2: "pos"}
@@ -256,7 +254,7 @@ def test_ingest_labeled_from_files_discovers_string_labels(tmp_path: Path, suffi
 
 def test_integer_labels_sort_numerically(tmp_path: Path) -> None:
     rows = _labeled_rows(10, labels=("10", "2", "-1"))
-    cfg = LabeledConfig(source="files", train_path=str(_write_table(tmp_path / "t.jsonl", rows)))
+    cfg = LabeledConfig(source=LabeledFiles(train=str(_write_table(tmp_path / "t.jsonl", rows))))
     ref = ingest.ingest_labeled(cfg, Workspace(tmp_path / "ws"))
     assert ingest.load_id2label(ref) == {0: "-1", 1: "2", 2: "10"}
 
@@ -265,7 +263,7 @@ def test_missing_text_column_names_it_and_lists_present_columns(tmp_path: Path) 
     rows = [{"review": r["text"], "label": r["label"]} for r in _labeled_rows(5)]
     path = _write_table(tmp_path / "train.csv", rows, columns=("review", "label"))
     with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)), Workspace(tmp_path / "ws"))
+        ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))), Workspace(tmp_path / "ws"))
     msg = str(info.value)
     assert str(path) in msg and "'text'" in msg
     assert "columns present: review, label" in msg
@@ -276,7 +274,7 @@ def test_missing_label_names_the_row(tmp_path: Path) -> None:
     rows[4]["label"] = ""  # the 5th data row: line 6 of the file, after the header
     path = _write_table(tmp_path / "train.csv", rows)
     with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)), Workspace(tmp_path / "ws"))
+        ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))), Workspace(tmp_path / "ws"))
     msg = str(info.value)
     assert str(path) in msg and "row 6" in msg and "'label'" in msg
 
@@ -284,7 +282,7 @@ def test_missing_label_names_the_row(tmp_path: Path) -> None:
 def test_single_class_is_refused(tmp_path: Path) -> None:
     path = _write_table(tmp_path / "train.tsv", _labeled_rows(20, labels=("pos",)))
     with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)), Workspace(tmp_path / "ws"))
+        ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))), Workspace(tmp_path / "ws"))
     msg = str(info.value)
     assert "only one class" in msg and "'pos'" in msg and str(path) in msg
 
@@ -294,7 +292,7 @@ def test_validation_label_unseen_in_train_is_refused(tmp_path: Path) -> None:
     val_rows = _labeled_rows(1, labels=("neg", "pos"), start=50) + [{"text": "A mixed bag.", "label": "meh"}]
     val = _write_table(tmp_path / "val.csv", val_rows)
     test = _write_table(tmp_path / "test.csv", _labeled_rows(1, labels=("neg", "pos"), start=80))
-    cfg = LabeledConfig(source="files", train_path=str(train), validation_path=str(val), test_path=str(test))
+    cfg = LabeledConfig(source=LabeledFiles(train=str(train), validation=str(val), test=str(test)))
     with pytest.raises(DataError) as info:
         ingest.ingest_labeled(cfg, Workspace(tmp_path / "ws"))
     msg = str(info.value)
@@ -304,7 +302,7 @@ def test_validation_label_unseen_in_train_is_refused(tmp_path: Path) -> None:
 def test_stratified_split_when_only_train_is_given(tmp_path: Path) -> None:
     rows = _labeled_rows(70, labels=("a",)) + _labeled_rows(30, labels=("b",), start=500)
     path = _write_table(tmp_path / "train.jsonl", rows)
-    ref = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)), Workspace(tmp_path / "ws"),
+    ref = ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))), Workspace(tmp_path / "ws"),
                                 seed=3)
     assert ref.meta["rows"] == {"train": 80, "validation": 10, "test": 10}
     balance = ref.meta["class_balance"]
@@ -314,7 +312,7 @@ def test_stratified_split_when_only_train_is_given(tmp_path: Path) -> None:
     splits = {s: _texts(ref, s) for s in ("train", "validation", "test")}
     assert sorted(t for texts in splits.values() for t in texts) == sorted(r["text"] for r in rows)
     # Deterministic for a seed.
-    again = ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)),
+    again = ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))),
                                   Workspace(tmp_path / "ws2"), seed=3)
     assert _texts(again, "test") == splits["test"]
 
@@ -516,7 +514,7 @@ def test_finetune_and_evaluate_classifier_report(chain: Chain, learned_lm) -> No
     report = ref.load()
     n_test = labeled.meta["rows"]["test"]
     assert report["labels"] == ["negative", "positive"]
-    assert report["test_rows"] == len(report["predictions"]) == n_test == cfg.labeled.sample_eval
+    assert report["test_rows"] == len(report["predictions"]) == n_test == cfg.labeled.source.eval_rows
     model = report["model"]
     assert 0.0 <= model["accuracy"] <= 1.0 and 0.0 <= model["macro_f1"] <= 1.0
     assert sum(map(sum, model["confusion_matrix"])) == n_test
@@ -576,7 +574,8 @@ def test_constant_prediction_scores_the_majority_baseline() -> None:
 def _labeled_from_text(tmp_path: Path, name: str, text: str) -> list[dict]:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
-    return ingest._read_table(path, LabeledConfig(source="files", train_path=str(path)))
+    cfg = LabeledConfig(source=LabeledFiles(train=str(path)))
+    return ingest._read_table(path, cfg, True, ingest._LabeledReader(cfg), "train")
 
 
 def test_csv_blank_line_is_skipped(tmp_path: Path) -> None:
@@ -602,7 +601,7 @@ def test_jsonl_error_reports_file_line_number(tmp_path: Path) -> None:
 def test_tiny_labeled_file_is_a_data_error(tmp_path: Path) -> None:
     path = _write_table(tmp_path / "train.csv", _labeled_rows(2, labels=("neg", "pos")))
     with pytest.raises(DataError):
-        ingest.ingest_labeled(LabeledConfig(source="files", train_path=str(path)), Workspace(tmp_path / "ws"))
+        ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))), Workspace(tmp_path / "ws"))
 
 
 def test_literal_path_with_brackets(tmp_path: Path) -> None:
