@@ -25,14 +25,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from servers import MlflowServer, PrefectServer, free_port, stop
 
 from tasks.artifacts import Workspace
 from tasks.config import load_config
 from tasks.errors import ConfigError, DataError, TrainingDiverged
 from tasks.ingest import ingest_corpus, ingest_labeled
 from tasks.pretrain import pretrain, pretrain_fingerprint
+from tasks.resume import list_checkpoints
 from tasks.tokenize import open_tokens, tokenize_corpus, train_tokenizer
-from tasks.training import list_checkpoints, set_threads
+from tasks.training import set_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -83,108 +85,6 @@ def weights_equal(a, b, exact: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- real servers
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LLMPIPE_"))}
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited: {log.read_text(errors='replace')[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
-    from tasks.distributed import die_with_parent
-
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class PrefectServer:
-    """``prefect server start`` on a free loopback port; ``env`` points clients (the CLI, workers) at it."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.url = f"http://127.0.0.1:{_free_port()}/api"
-        self.env = {**_base_env(), "PREFECT_API_URL": self.url, "PREFECT_HOME": str(root / "client-home"),
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str], cwd: Path) -> Path:
-        log = self.root / f"{name}.log"
-        self.procs.append(_start(cmd, env, log, cwd))
-        return log
-
-    def __enter__(self) -> PrefectServer:
-        port = self.url.split(":")[-1].split("/")[0]
-        server_env = {**_base_env(), "PREFECT_HOME": str(self.root / "server-home"),
-                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        log = self.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                    "--port", port, "--no-ui"], server_env, self.root)
-        _wait_http(f"{self.url}/health", self.procs[0], log)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in reversed(self.procs):
-            _stop(proc)
-
-
-class MlflowServer:
-    """``mlflow server`` on a SQLite store in ``root``; started and stopped at will, the store survives."""
-
-    def __init__(self, root: Path):
-        self.root, self.proc, self.url = root, None, ""
-        root.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> str:
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-        self.proc = _start(cmd, _base_env(), self.root / "mlflow.log", self.root)
-        _wait_http(f"{self.url}/health", self.proc, self.root / "mlflow.log")
-        return self.url
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
-            self.proc = None
 
 
 def _cli(server: PrefectServer, cwd: Path, *args: str, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
@@ -258,7 +158,7 @@ def pipeline_cases(case: Callable, server: PrefectServer, root: Path) -> None:
 
     def mlflow_down_at_start(ws: Path):
         started = time.time()
-        out = _cli(server, ws, *tiny_run, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
+        out = _cli(server, ws, *tiny_run, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
         ok = out.returncode == 1 and "does not answer" in out.stderr and not (ws / ".llmpipe").exists()
         return ok, f"exit {out.returncode} after {time.time() - started:.0f}s: {_tail(out)}", "0 bytes (nothing ran)"
 
@@ -358,7 +258,7 @@ def deployment_cases(case: Callable, server: PrefectServer, root: Path) -> None:
 
         case("deployment run: a job-variable override of command", "refused by the pool's template",
              command_override)
-    _stop(worker)
+    stop(worker)
 
 
 def main() -> int:

@@ -200,20 +200,28 @@ class LiveDisplay(Display):
 
         now = time.monotonic()
         grid = Table.grid(padding=(0, 1))
-        # Fixed widths: the columns do not move as the numbers in them change.
-        for column in ({"width": 1}, {"width": 19}, {"width": 20}, {"width": 44}, {"width": 17, "justify": "right"}):
+        # Fixed widths: the columns do not move as the numbers in them change. Narrower than 105 columns (an
+        # 80-column terminal) the bar goes, so the numbers and the time left still fit.
+        wide = self.console.size.width >= 105
+        columns = [{"width": 1}, {"width": 19}, *([{"width": 20}] if wide else []), {"width": 44 if wide else 40},
+                   {"width": 17, "justify": "right"}]
+        for column in columns:
             grid.add_column(no_wrap=True, overflow="ellipsis", **column)
+
+        def add_row(status: Any, name: Any, bar: Any, detail: Any, when: Any) -> None:
+            grid.add_row(status, name, *([bar] if wide else []), detail, when)
+
         with self.lock:
             stages = list(self.stages.values())
         done = sum(st.state in ("done", "reused") for st in stages)
-        grid.add_row("", Text(self.title, style="bold"), "",
+        add_row("", Text(self.title, style="bold"), "",
                      Text(f"{done} stage{'' if done == 1 else 's'} done", style="dim"),
                      Text(duration(now - self.started_at), style="bold"))
         room = max(3, self.console.size.height - 3)  # taller than the terminal, a live display cannot redraw
         if len(stages) > room:
             hidden = {id(st) for st in [st for st in stages if st.state != "running"][: len(stages) - room + 1]}
             stages = [st for st in stages if id(st) not in hidden]
-            grid.add_row("", Text(f"... {len(hidden)} earlier", style="dim"), "", "", "")
+            add_row("", Text(f"... {len(hidden)} earlier", style="dim"), "", "", "")
         for st in stages:
             training = st.total is not None
             if st.state == "running":
@@ -239,7 +247,7 @@ class LiveDisplay(Display):
                     detail.append(f"{st.step} steps" + (f", final loss {st.loss:.4f}" if st.loss is not None else ""),
                                   style="dim")
                 when = Text(duration(st.elapsed(now)), style="dim")
-            grid.add_row(status, Text(st.name), bar, detail, when)
+            add_row(status, Text(st.name), bar, detail, when)
         return grid
 
     def __enter__(self) -> LiveDisplay:

@@ -39,11 +39,11 @@ from tasks.curves import plot_curve
 from tasks.errors import ConfigError, DataError
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import classification_metrics
+from tasks.resume import list_checkpoints
 from tasks.training import (
     EXECUTION_ONLY,
     ShuffledIndices,
     epoch_permutation,
-    list_checkpoints,
     seed_everything,
     train,
     train_halving_on_oom,
@@ -51,7 +51,7 @@ from tasks.training import (
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "finetune-3"
+STAGE_VERSION = "finetune-4"
 BEST_FILE = "best.safetensors"
 CURVE_FILE = "training_curve.png"  # train loss and validation scores by step
 

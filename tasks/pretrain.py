@@ -22,19 +22,13 @@ from tasks.curves import plot_curve
 from tasks.distributed import run_torchrun
 from tasks.errors import ConfigError, DataError
 from tasks.kernels import next_token_loss
+from tasks.resume import tied_aliases
 from tasks.tokenize import open_tokens
-from tasks.training import (
-    ShuffledIndices,
-    dist_info,
-    seed_everything,
-    tied_aliases,
-    train,
-    train_halving_on_oom,
-)
+from tasks.training import ShuffledIndices, dist_info, seed_everything, train, train_halving_on_oom
 
 log = logging.getLogger("llmpipe")
 
-STAGE_VERSION = "pretrain-3"
+STAGE_VERSION = "pretrain-4"
 # Left out of a pretrained model's fingerprint besides the engine's EXECUTION_ONLY: validation (it only watches),
 # where and how the processes run, and what changes only rounding (compile).
 EXECUTION_ONLY = training.EXECUTION_ONLY | {"eval_every", "eval_batches", "rdzv_endpoint", "node_rank",

@@ -1,12 +1,9 @@
 """The training engine shared by pretraining and fine-tuning.
 
-One readable loop: AdamW (decay on matrices only, fused), linear warmup then cosine or
-warmup-stable-decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA and fp32 on
-CPU, optional ``torch.compile``, periodic validation, and resumable checkpoints. A checkpoint holds
-everything needed to continue bit-for-bit: weights (safetensors), optimizer and scheduler state,
-every RNG state (python, numpy, torch, CUDA), the batch source's position, the step, the tokens
-seen and the metric history. Checkpoints are written to ``step-N.tmp-*`` and renamed, so a
-directory named ``step-N`` is always complete. Under ``torch.distributed`` the model is wrapped in
+One readable loop: AdamW (decay on matrices only, fused), transformers' learning-rate schedules (linear
+warmup, then cosine to a floor or warmup-stable-decay), gradient accumulation, gradient clipping, bf16 autocast on CUDA and fp32 on
+CPU, optional ``torch.compile``, periodic validation, and resumable checkpoints that hold everything
+needed to continue bit-for-bit (``tasks.resume``). Under ``torch.distributed`` the model is wrapped in
 DDP (or sharded with FSDP's ``fully_shard``), each rank draws its share of every global batch, and
 only rank 0 writes (under FSDP after every rank has helped gather the full state).
 
@@ -20,18 +17,15 @@ twice the accumulation, the same global batch, resumed from the newest checkpoin
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,26 +34,23 @@ from tasks import faults
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError, TrainingDiverged
 from tasks.kernels import fast_modules
+from tasks.resume import (
+    BatchSource,
+    gather_full_state,
+    is_fsdp,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger("llmpipe")
 
-STATE_FILE = "state.json"
 # Settings of a training stage that change how training is observed, resumed or split into micro-batches, not the
 # weights it produces: the stage's fingerprint leaves them out. The global batch (micro-batch x accumulation) stays
 # in, so a run that halves its micro-batch after running out of memory resumes its own checkpoints and finishes the
 # same artifact.
 EXECUTION_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels",
                   "batch_size", "grad_accum_steps"}
-
-
-class BatchSource(Protocol):
-    """Yields training batches in a deterministic order that can be saved and restored."""
-
-    def next_batch(self) -> dict[str, torch.Tensor]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -135,21 +126,19 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "wsd":
-            decay_start = cfg.max_steps - max(1, int(cfg.decay_fraction * cfg.max_steps))
-            if step < decay_start:
-                return 1.0
-            progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
-            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
-        decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then transformers' cosine decay to ``min_lr_ratio`` of the peak, or its warmup-stable-decay
+    schedule (constant, then a linear decay over the last ``decay_fraction`` of the steps)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
-    return f
+    if cfg.schedule == "wsd":
+        decay = max(1, int(cfg.decay_fraction * cfg.max_steps))
+        return get_wsd_schedule(optimizer, num_warmup_steps=cfg.warmup_steps, num_decay_steps=decay,
+                                num_stable_steps=max(0, cfg.max_steps - cfg.warmup_steps - decay),
+                                decay_type="linear", min_lr_ratio=cfg.min_lr_ratio)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps,
+                                                       num_training_steps=cfg.max_steps,
+                                                       min_lr_rate=cfg.min_lr_ratio)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -195,91 +184,6 @@ class TrainResult:
     full_weights: dict[str, torch.Tensor] | None = None  # FSDP: the gathered final weights (rank 0)
 
 
-def list_checkpoints(work_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; ``.tmp-*`` leftovers of a crash are ignored."""
-    if not work_dir.is_dir():
-        return []
-    found = [p for p in work_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name
-             and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _rng_state() -> dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npy = state["numpy"]
-    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
-
-
-def save_checkpoint(work_dir: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
-                    state: dict[str, Any], keep: int, gathered: FullState | None = None) -> Path:
-    """Write ``step-N`` atomically. ``gathered``: the full weights and optimizer state that FSDP gathered
-    from every rank's shards (the model's own parameters hold only this rank's shard)."""
-    from safetensors.torch import save_file, save_model
-
-    final = work_dir / f"step-{state['step']:08d}"
-    tmp = work_dir / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    if gathered is not None:
-        aliases = tied_aliases(model)
-        save_file({k: v.contiguous() for k, v in gathered.weights.items() if k not in aliases},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        save_model(model, str(tmp / "model.safetensors"))
-    trainer = {"optimizer": gathered.optimizer if gathered is not None else optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(),
-               "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        trainer["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(trainer, tmp / "trainer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "source": source.state_dict(), "rng": _rng_state()}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(work_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, source: BatchSource) -> dict[str, Any]:
-    """Restore a checkpoint into ``model`` (sharded by FSDP or not), ``optimizer``, ``scheduler`` and
-    ``source``, and every RNG. Under FSDP every rank reads the full state and keeps its own shard."""
-    from safetensors.torch import load_file, load_model
-
-    trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        full = StateDictOptions(full_state_dict=True)
-        weights = load_file(str(path / "model.safetensors"))
-        for alias, name in tied_aliases(model).items():
-            weights[alias] = weights[name]
-        set_model_state_dict(model, weights, options=full)
-        set_optimizer_state_dict(model, optimizer, trainer["optimizer"], options=full)
-    else:
-        load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-        optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["torch_rng"])
-    if "cuda_rng" in trainer and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-    state = json.loads((path / STATE_FILE).read_text())
-    source.load_state_dict(state["source"])
-    _set_rng_state(state["rng"])
-    return state
-
-
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -318,51 +222,6 @@ def _wrap_distributed(stepper: _LossModule, device: torch.device, strategy: str,
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(stepper, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is sharded by FSDP (``fully_shard``)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """Parameter names that share a tensor with an earlier name (GPT-2's output layer and token
-    embedding), mapped to that name; a checkpoint stores each shared tensor once."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
-@dataclass
-class FullState:
-    """The full (unsharded) weights and optimizer state, keyed by parameter name, on CPU."""
-
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-
-
-def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> FullState:
-    """Gather FSDP shards into full tensors on rank 0 (other ranks get empty dicts); a collective: every
-    rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else {}
-    return FullState(weights, optim)
 
 
 def train(
@@ -408,9 +267,9 @@ def _train(model, source, cfg, work_dir, *, loss_fn, evaluate, should_stop, toke
     # DTensors of the same names and shapes), then restore a checkpoint into both.
     stepper = _LossModule(model, loss_fn)
     wrapped = _wrap_distributed(stepper, device, strategy, amp) if world > 1 else stepper
-    fsdp = _is_fsdp(model)
+    fsdp = is_fsdp(model)
     optimizer = make_optimizer(stepper, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = lr_scheduler(optimizer, cfg)
     result = TrainResult(steps=0, tokens_seen=0, resumed_from=None)
     checkpoints = list_checkpoints(work_dir) if cfg.resume else []
     early_stop = False

@@ -276,3 +276,13 @@ def test_flat_labeled_keys_of_before_still_work_with_a_warning_that_shows_the_ne
     assert hub.labeled.source == LabeledHub(name="x/y", test_split="validation")
     with pytest.warns(FutureWarning, match="sample_train"):
         assert load_config(None, ["labeled.sample_train=100"]).labeled.source == LabeledSample(train_rows=100)
+
+
+def test_presets_read_hub_datasets_by_default() -> None:
+    sst2, sms = load_config("sst2"), load_config("sms-spam")
+    assert sst2.labeled.source.kind == "hub" and sst2.labeled.source.name == "stanfordnlp/sst2"
+    assert sst2.labeled.source.test_split == "validation"  # GLUE dev: the usual SST-2 evaluation split
+    assert sst2.labeled.split_groups == "contained_text"  # validation holds out whole sentences
+    assert [s.kind for s in sst2.corpus.sources] == ["hub"] and sst2.corpus.sources[0].split == "train"
+    assert sms.labeled.source.kind == "hub" and sms.labeled.test_fraction == 0.2
+    assert sms.corpus.sources[0].kind == "hub"

@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 from pydantic import BaseModel
 
 from tasks.config import PipelineConfig
+from tests.support import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -1,5 +1,5 @@
-"""Fine-tuning: LoRA, encoder checkpoints, class weights, length-grouped batches, truncation, early stopping
-with the best weights kept, exact resume, and the real-data presets."""
+"""Fine-tuning: length-grouped batches, class weights, the auxiliary next-token loss, LoRA, encoder checkpoints,
+early stopping with the best weights kept, exact resume, out of memory and divergence."""
 
 from __future__ import annotations
 
@@ -12,18 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
-from tasks import classifier, evaluate, faults, finetune, ingest, metrics, pretrain, tokenize
+from tasks import classifier, evaluate, faults, finetune, ingest, metrics
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
-from tasks.config import FinetuneConfig, LabeledConfig, LabeledFiles, PipelineConfig, load_config
+from tasks.config import FinetuneConfig, LabeledConfig, LabeledFiles, PipelineConfig
 from tasks.errors import ConfigError, DataError
-from tasks.training import ShuffledIndices, list_checkpoints, set_threads, train
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    set_threads(1)
+from tasks.resume import list_checkpoints
+from tasks.training import ShuffledIndices, train
+from tests.support import Chain, build_tiny_bert, texts, tiny_lm_dir, write_labeled_csvs
 
 
 @dataclass
@@ -34,65 +30,14 @@ class Setup:
     labeled: LabeledRef
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Setup:
-    """The tiny chain up to a pretrained LM, and the built-in sentiment set (200 train, 40 validation, 40 test)."""
-    cfg = tiny_config(tmp_path_factory.mktemp("finetune") / "ws")
-    ws = Workspace(cfg.workspace)
-    corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
-    tok = tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
-    tokens = tokenize.tokenize_corpus(corpus, tok, ws)
-    lm = pretrain.pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
-    return Setup(cfg, ws, lm, ingest.ingest_labeled(cfg.labeled, ws, cfg.seed))
+@pytest.fixture
+def setup(chain: Chain, lm: CheckpointRef, labeled: LabeledRef) -> Setup:
+    """The tiny chain's pretrained LM and the built-in sentiment set (200 train, 40 validation, 40 test)."""
+    return Setup(chain.cfg, chain.ws, lm, labeled)
 
 
 def _ft(setup: Setup, **changes: Any) -> FinetuneConfig:
     return FinetuneConfig.model_validate({**setup.cfg.finetune.model_dump(), **changes})
-
-
-def _texts(labeled: LabeledRef, split: str) -> list[str]:
-    return [r["text"] for r in ingest.load_split(labeled, split)]
-
-
-def build_tiny_bert(path: Path, texts: list[str], seed: int = 0) -> Path:
-    """A one-layer BERT built from config, with a WordPiece tokenizer trained on ``texts``, saved like a hub
-    checkpoint (config.json, model.safetensors, tokenizer files)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
-                                                             show_progress=False))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(path))
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(config).save_pretrained(str(path))
-    return path
-
-
-def write_labeled_csvs(root: Path, counts: dict[str, dict[str, int]]) -> LabeledConfig:
-    """Train/validation/test CSV files with ``counts[split][label]`` rows each; the word for the label is in
-    the text, so the task is learnable."""
-    root.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, per_label in counts.items():
-        paths[split] = root / f"{split}.csv"
-        with open(paths[split], "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label"])
-            for label, n in per_label.items():
-                for i in range(n):
-                    writer.writerow([f"{split} note {i} about the parcel: it was {label}, number {i * 13 % 97}", label])
-    return LabeledConfig(source=LabeledFiles(train=str(paths["train"]), validation=str(paths["validation"]),
-                                             test=str(paths["test"])))
 
 
 # ================================================================ batching and truncation
@@ -168,16 +113,6 @@ def test_batches_pad_to_their_longest_text() -> None:
     for _ in range(3):
         widths.append(source.next_batch()["input_ids"].shape[1])
     assert sorted(widths) == [3, 4, 9]  # grouped by length: (2, 3), (3, 4), (9, 9)
-
-
-def test_truncation_keeps_the_configured_end(setup: Setup) -> None:
-    text = " ".join(f"word{i}" for i in range(60))
-    right = classifier.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="right"))
-    left = classifier.load_tokenizer(setup.lm.dir, _ft(setup, truncation_side="left"))
-    full = right(text)["input_ids"]
-    assert len(full) > 8
-    assert classifier.encode_texts(right, [text], 8) == [full[:8]]
-    assert classifier.encode_texts(left, [text], 8) == [full[-8:]]
 
 
 # ================================================================ class weights
@@ -291,7 +226,7 @@ def test_lora_trains_adapters_and_the_head_and_saves_a_merged_classifier(setup: 
     assembled = PeftModel.from_pretrained(classifier.load_classifier(setup.lm.dir, id2label, tok.pad_token_id, 32),
                                           str(clf.dir / "adapter"))
     saved = AutoModelForSequenceClassification.from_pretrained(clf.path)
-    seqs = classifier.encode_texts(tok, _texts(setup.labeled, "test"), 32)
+    seqs = classifier.encode_texts(tok, texts(setup.labeled, "test"), 32)
     np.testing.assert_allclose(classifier.predict_proba(assembled, seqs, tok.pad_token_id),
                                classifier.predict_proba(saved, seqs, tok.pad_token_id), atol=1e-5)
 
@@ -315,7 +250,7 @@ def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_
     labeled = ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(paths["train"]),
                                                                       validation=str(paths["validation"]),
                                                                       test=str(paths["test"]))), setup.ws, 0)
-    bert = build_tiny_bert(tmp_path / "bert", _texts(labeled, "train"))
+    bert = build_tiny_bert(tmp_path / "bert", texts(labeled, "train"))
     with pytest.raises(ConfigError, match=r"finetune\.lm_loss_weight=0\.2: .* is not a causal LM"):
         finetune.finetune(None, labeled, _ft(setup, init_from=str(bert), lm_loss_weight=0.2), setup.ws, 0)
     cfg = _ft(setup, init_from=str(bert), max_steps=200, lr=3e-3, warmup_steps=10, eval_every=50)
@@ -332,8 +267,9 @@ def test_encoder_checkpoint_fine_tunes_with_its_own_tokenizer(setup: Setup, tmp_
     report = evaluate.evaluate_classifier(clf, labeled, setup.cfg.evaluate, setup.ws, 32, 0).load()
     assert report["model"]["accuracy"] > report["baselines"]["majority"]["accuracy"] + 0.3
     # A transformers pipeline over the artifact (what MLflow serves) predicts what the evaluation scored.
-    texts = _texts(labeled, "test")
-    served = pipeline("text-classification", model=clf.path, tokenizer=clf.path)(texts, truncation=True, max_length=32)
+    test_texts = texts(labeled, "test")
+    served = pipeline("text-classification", model=clf.path, tokenizer=clf.path)(test_texts, truncation=True,
+                                                                                   max_length=32)
     assert [p["label"] for p in served] == [report["labels"][i] for i in report["predictions"]]
 
 
@@ -471,105 +407,8 @@ def test_a_diverged_fine_tune_saves_nothing_unless_skipping_is_allowed(setup: Se
     assert clf.meta["skipped_steps"] == 2 and clf.meta["steps"] == 8
 
 
-# ================================================================ the real-data presets
-
-
-def _run_chain(cfg: PipelineConfig) -> dict[str, Any]:
-    ws = Workspace(cfg.workspace)
-    corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
-    tok = tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
-    tokens = tokenize.tokenize_corpus(corpus, tok, ws)
-    lm = pretrain.pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
-    labeled = ingest.ingest_labeled(cfg.labeled, ws, cfg.seed)
-    clf = finetune.finetune(lm, labeled, cfg.finetune, ws, cfg.seed)
-    report = evaluate.evaluate_classifier(clf, labeled, cfg.evaluate, ws, cfg.finetune.max_length, cfg.seed).load()
-    return {"corpus": corpus, "labeled": labeled, "report": report}
-
-
-SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "tokenizer.vocab_size=400", "pretrain.max_steps=3",
-         "pretrain.warmup_steps=1", "finetune.max_steps=3", "finetune.warmup_steps=1", "finetune.eval_every=3",
-         "evaluate.samples=0", "runtime.threads=1"]
-
-
-def test_presets_read_hub_datasets_by_default() -> None:
-    sst2, sms = load_config("sst2"), load_config("sms-spam")
-    assert sst2.labeled.source.kind == "hub" and sst2.labeled.source.name == "stanfordnlp/sst2"
-    assert sst2.labeled.source.test_split == "validation"  # GLUE dev: the usual SST-2 evaluation split
-    assert sst2.labeled.split_groups == "contained_text"  # validation holds out whole sentences
-    assert [s.kind for s in sst2.corpus.sources] == ["hub"] and sst2.corpus.sources[0].split == "train"
-    assert sms.labeled.source.kind == "hub" and sms.labeled.test_fraction == 0.2
-    assert sms.corpus.sources[0].kind == "hub"
-
-
-@pytest.mark.slow
-def test_sst2_preset_on_local_glue_files(shared_data: Path, tmp_path: Path) -> None:
-    d = shared_data / "sst2"
-    cfg = load_config("sst2", [f"workspace={tmp_path / 'ws'}", *SMALL,
-                               f"corpus.sources=[{{kind: files, paths: [{d / 'train.tsv'}], text_columns: [sentence]}}]",
-                               f"labeled.source={{kind: files, train: {d / 'train.tsv'}, test: {d / 'dev.tsv'}}}"])
-    out = _run_chain(cfg)
-    assert out["report"]["test_rows"] == 872 and out["report"]["labels"] == ["negative", "positive"]
-    # 10% of the 6,886 source sentences held out whole for validation; their phrases left training.
-    rows = out["labeled"].meta["rows"]
-    assert rows["validation"] == 689 and rows["train"] == 67349 - 689 - 5950
-    assert out["report"]["baselines"]["tfidf_logreg"]["accuracy"] > 0.8
-
-
-@pytest.mark.slow
-def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Path) -> None:
-    f = shared_data / "sms_spam" / "SMSSpamCollection"
-    cfg = load_config("sms-spam", [f"workspace={tmp_path / 'ws'}", *SMALL,
-                                   f"corpus.sources=[{{kind: files, paths: [{f}], format: tsv, has_header: false, "
-                                   "text_columns: ['1']}]",
-                                   f"labeled.source={{kind: files, train: {f}, has_header: false}}",
-                                   "labeled.text_column='1'", "labeled.label_column=0"])
-    out = _run_chain(cfg)
-    rows = out["labeled"].meta["rows"]
-    assert out["report"]["labels"] == ["ham", "spam"]
-    # The stratified 20% of the 5,160 distinct messages held out; no test message is also a training message.
-    assert rows["test"] == 1033 and out["labeled"].meta["rows"] == rows
-    assert ingest.load_data_report(out["labeled"])["held_out_texts_in_train"] == {"validation": 0, "test": 0}
-    assert out["report"]["model"]["per_class"]["spam"]["support"] == 129
-    assert out["report"]["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9
-
-
-def _tiny_lm_dir(path: Path) -> Path:
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)) \
-        .save_pretrained(str(path))
-    return path
-
-
-def test_only_the_classification_head_may_be_missing_or_mismatched(tmp_path: Path, caplog) -> None:
-    from safetensors.torch import load_file, save_file
-
-    labels = {0: "negative", 1: "positive"}
-    good = _tiny_lm_dir(tmp_path / "good")
-    with caplog.at_level("INFO", logger="llmpipe"):
-        model = classifier.load_classifier(good, labels, pad_id=0, max_length=16)
-    assert model.score.weight.shape == (2, 32)
-    assert "classification head initialised afresh (score.weight)" in caplog.text
-
-    missing = _tiny_lm_dir(tmp_path / "missing")
-    weights = load_file(str(missing / "model.safetensors"))
-    del weights["transformer.h.0.mlp.c_fc.weight"]
-    save_file(weights, str(missing / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match=r"outside the classification head.*missing transformer\.h\.0\.mlp\.c_fc\."
-                                          r"weight"):
-        classifier.load_classifier(missing, labels, pad_id=0, max_length=16)
-
-    mismatched = _tiny_lm_dir(tmp_path / "mismatched")
-    config = json.loads((mismatched / "config.json").read_text())
-    (mismatched / "config.json").write_text(json.dumps({**config, "vocab_size": 80}))
-    with pytest.raises(ConfigError, match=r"mismatched transformer\.wte\.weight \(checkpoint \(64, 32\), model "
-                                          r"\(80, 32\)\)"):
-        classifier.load_classifier(mismatched, labels, pad_id=0, max_length=16)
-
-
 def test_init_from_is_named_by_its_content(tmp_path: Path, setup: Setup) -> None:
-    source = _tiny_lm_dir(tmp_path / "bert-like")
+    source = tiny_lm_dir(tmp_path / "bert-like")
     cfg = _ft(setup, init_from=str(source))
     before = finetune.finetune_fingerprint(None, setup.labeled, cfg, 0)
     assert finetune.finetune_fingerprint(None, setup.labeled, cfg, 0) == before

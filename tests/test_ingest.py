@@ -1,4 +1,5 @@
-"""Ingestion: every source kind, validation and cleaning, hash splits, weights, the data report, labeled data."""
+"""Corpus ingestion: every source kind, validation and cleaning, hash splits that never move, weights, the data
+report, reuse of the artifact."""
 
 from __future__ import annotations
 
@@ -12,20 +13,17 @@ import pytest
 
 from flows import reports
 from tasks import ingest
-from tasks.artifacts import Workspace
+from tasks.artifacts import MANIFEST, Workspace
 from tasks.config import (
     CorpusConfig,
     DataFrameSource,
     FilesSource,
     HubSource,
-    LabeledConfig,
-    LabeledDataFrames,
-    LabeledFiles,
-    LabeledHub,
     SampleSource,
     load_config,
 )
 from tasks.errors import ConfigError, DataError
+from tests.support import files_corpus, jsonl_file, no_artifacts, paragraphs, texts
 
 
 def _docs(n: int, start: int = 0, word: str = "harbour") -> list[str]:
@@ -39,16 +37,6 @@ def _corpus(*sources, **kw) -> CorpusConfig:
 
 def _all_texts(ref) -> list[str]:
     return [r["text"] for split in ref.meta["splits"] for r in ingest.load_split(ref, split)]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def ws(tmp_path: Path) -> Workspace:
-    return Workspace(tmp_path / "ws")
 
 
 # ================================================================ source kinds
@@ -72,7 +60,7 @@ def test_text_units_and_globs(tmp_path: Path, ws: Workspace) -> None:
 
 def test_jsonl_json_csv_tsv_parquet_sources_read_the_same_documents(tmp_path: Path, ws: Workspace) -> None:
     rows = [{"title": f"Title {i}", "body": d, "other": i} for i, d in enumerate(_docs(30))]
-    _write_jsonl(tmp_path / "a.jsonl", rows[:10])
+    jsonl_file(tmp_path / "a.jsonl", rows[:10])
     (tmp_path / "b.json").write_text(json.dumps(rows[10:15]), encoding="utf-8")
     pd.DataFrame(rows[15:20]).to_csv(tmp_path / "c.csv", index=False)
     pd.DataFrame(rows[20:25]).to_csv(tmp_path / "d.tsv", index=False, sep="\t")
@@ -95,7 +83,7 @@ def test_table_without_the_text_column_names_it_and_lists_the_columns(tmp_path: 
     if name.endswith(".parquet"):
         df.to_parquet(path)
     elif name.endswith(".jsonl"):
-        _write_jsonl(path, df.to_dict("records"))
+        jsonl_file(path, df.to_dict("records"))
     elif name.endswith(".json"):
         path.write_text(df.to_json(orient="records"), encoding="utf-8")
     else:
@@ -127,7 +115,7 @@ def test_hub_source_from_save_to_disk_and_from_local_data_files(tmp_path: Path, 
 
     files = tmp_path / "files"
     files.mkdir()
-    _write_jsonl(files / "train.jsonl", [{"text": d} for d in _docs(12, start=200)])
+    jsonl_file(files / "train.jsonl", [{"text": d} for d in _docs(12, start=200)])
     by_folder = ingest.ingest_corpus(_corpus(HubSource(name=str(files))), ws)
     by_builder = ingest.ingest_corpus(_corpus(HubSource(name="json", data_files=[str(files / "train.jsonl")])), ws)
     assert sorted(_all_texts(by_folder)) == sorted(_all_texts(by_builder)) == sorted(_docs(12, start=200))
@@ -307,166 +295,13 @@ def test_real_corpora_tiny_shakespeare_and_wikitext(shared_data: Path, ws: Works
 # ================================================================ labeled data
 
 
-def _labeled_frame(n: int, labels=(0, 1), start: int = 0) -> pd.DataFrame:
-    rows = [{"title": f"Item {i}", "review": f"Review {i}, a {lab} one.", "stars": lab}
-            for i in range(start, start + n) for lab in labels]
-    return pd.DataFrame(rows)
-
-
-def test_labeled_hub_dataset_uses_given_splits_and_class_names(tmp_path: Path, ws: Workspace) -> None:
-    import datasets
-
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
-
-    def split(df: pd.DataFrame) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({"sentence": list(df["review"]), "label": list(df["stars"])},
-                                          features=features)
-
-    saved = tmp_path / "sst"
-    datasets.DatasetDict({"train": split(_labeled_frame(20)), "validation": split(_labeled_frame(4, start=100))}
-                         ).save_to_disk(str(saved))
-    cfg = LabeledConfig(source=LabeledHub(name=str(saved)), text_column="sentence")
-    ref = ingest.ingest_labeled(cfg, ws)
-    assert ingest.load_id2label(ref) == {0: "negative", 1: "positive"}
-    assert ref.meta["splits_given"] == ["train", "validation"]
-    assert ref.meta["rows"] == {"train": 36, "validation": 8, "test": 4}  # test split off train (10%), stratified
-    assert ref.meta["class_balance"]["test"] == {"negative": 2, "positive": 2}
-    report = ingest.load_data_report(ref)
-    assert report["origin"]["validation"].endswith("split 'validation'")
-    assert "| test |" in reports.data_report_markdown(report)
-
-
-def test_labeled_dataframes_with_label_names_and_two_text_columns(ws: Workspace) -> None:
-    cfg = LabeledConfig(source=LabeledDataFrames(), text_column=["title", "review"], label_column="stars",
-                        label_names=["bad", "good"])
-    frames = {"train": _labeled_frame(30), "test": _labeled_frame(5, start=500)}
-    ref = ingest.ingest_labeled(cfg, ws, frames=frames)
-    assert ingest.load_id2label(ref) == {0: "bad", 1: "good"}
-    row = ingest.load_split(ref, "test")[0]
-    assert row == {"text": "Item 500\nReview 500, a 0 one.", "label": 0}
-    assert ref.meta["rows"]["test"] == 10 and ref.meta["rows"]["validation"] == 6
-    frames["test"].loc[3, "stars"] = 7
-    with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(cfg, ws, frames=frames)
-    assert "DataFrame 'test': row 3: unknown label '7' in column 'stars'; expected one of 0, 1" in str(info.value)
-
-
-def test_labeled_unknown_label_in_a_given_split_names_file_and_row(tmp_path: Path, ws: Workspace) -> None:
-    _labeled_frame(10).to_parquet(tmp_path / "train.parquet")
-    test = _labeled_frame(3, start=50)
-    test.loc[4, "stars"] = 5
-    test.to_csv(tmp_path / "test.csv", index=False)
-    cfg = LabeledConfig(source=LabeledFiles(train=str(tmp_path / "train.parquet"), test=str(tmp_path / "test.csv")),
-                        text_column="review", label_column="stars")
-    with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(cfg, ws)
-    msg = str(info.value)
-    assert f"{tmp_path / 'test.csv'}: row 6: label '5' does not occur in training labels ['0', '1']" in msg
-
-
-def test_labeled_fingerprints_hash_the_flat_form_of_before_the_source_kinds(tmp_path: Path, ws: Workspace) -> None:
-    """Labeled artifacts built before ``labeled.source`` had kinds keep their fingerprints, so they are reused."""
-    assert ingest.ingest_labeled(load_config("tiny").labeled, ws).fingerprint == "cfd30be0f887e5465b81"
-    files = LabeledConfig(source=LabeledFiles(train="t.csv", test="d.csv", has_header=False), text_column="0")
-    assert ingest.fingerprinted(files) == {
-        "source": "files", "train_path": "t.csv", "validation_path": None, "test_path": "d.csv", "has_header": False,
-        "hub_name": None, "hub_config": None, "hub_revision": None, "hub_train_split": "train",
-        "hub_validation_split": "validation", "hub_test_split": "test", "sample_train": 4000, "sample_eval": 500,
-        "text_column": "0", "label_column": "label", "label_names": [], "labels": [], "validation_fraction": 0.1,
-        "test_fraction": 0.1, "split_groups": "none"}
-
-
-def test_labeled_declared_label_set_and_missing_label(tmp_path: Path, ws: Workspace) -> None:
-    df = _labeled_frame(10, labels=("neg", "pos"))
-    path = _write_jsonl(tmp_path / "t.jsonl", df.to_dict("records"))
-    cfg = LabeledConfig(source=LabeledFiles(train=str(path)), text_column="review", label_column="stars",
-                        labels=["pos", "neg", "neutral"])
-    ref = ingest.ingest_labeled(cfg, ws)
-    assert ingest.load_id2label(ref) == {0: "pos", 1: "neg", 2: "neutral"}  # the declared order
-    assert ref.meta["class_balance"]["train"]["neutral"] == 0
-    rows = df.to_dict("records")
-    rows[7]["stars"] = None
-    _write_jsonl(path, rows)
-    with pytest.raises(DataError, match=r"t\.jsonl: line 8: missing label in column 'stars'"):
-        ingest.ingest_labeled(cfg, ws)
-
-
-SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
-
-
-def _no_artifacts(ws: Workspace, kind: str) -> bool:
-    folder = ws.root / kind
-    return not folder.exists() or not [p for p in folder.iterdir() if p.is_dir()]
-
-
-@pytest.mark.parametrize("has_header", [False, True])
-def test_labeled_env_file_read_as_csv_keeps_its_secrets_out_of_the_error(tmp_path: Path, ws: Workspace,
-                                                                         has_header: bool) -> None:
-    env = tmp_path / "prod.env"  # no known suffix: sniffed as CSV
-    env.write_text(f"HF_TOKEN={SECRET}\nMLFLOW_TRACKING_URI=http://svc:pa55word@mlflow:5000\n", encoding="utf-8")
-    cfg = LabeledConfig(source=LabeledFiles(train=str(env), has_header=has_header), text_column="0", label_column="0",
-                        labels=["negative", "positive"])
-    with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(cfg, ws)
-    msg = str(info.value)
-    assert SECRET not in msg and "pa55word" not in msg and str(env) in msg
-    if has_header:  # the first line is the header: its "column names" are shown redacted
-        assert "no column '0'; columns present: HF_TOKEN=***" in msg
-    else:
-        assert f"{env}: row 1: unknown label 'HF_TOKEN=***'; labeled.labels is" in msg
-    assert _no_artifacts(ws, "labeled")
-
-
-def test_labeled_label_values_in_errors_are_short_excerpts(tmp_path: Path, ws: Workspace) -> None:
-    train = _labeled_frame(10)
-    train.to_csv(tmp_path / "train.csv", index=False)
-    test = _labeled_frame(3, start=50)
-    long_label = "This review text sits in the label column by mistake, and it goes on and on " * 3
-    test["stars"] = test["stars"].astype(object)
-    test.loc[2, "stars"] = long_label
-    test.to_csv(tmp_path / "test.csv", index=False)
-    cfg = LabeledConfig(source=LabeledFiles(train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv")),
-                        text_column="review", label_column="stars")
-    with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(cfg, ws)
-    msg = str(info.value)
-    assert f"{tmp_path / 'test.csv'}: row 4: label 'This review text sits in the label colum…' does not occur" in msg
-    assert "by mistake" not in msg and "training labels ['0', '1']" in msg
-    cfg = cfg.model_copy(update={"label_names": ["negative", "positive"]})
-    with pytest.raises(DataError, match=r"row 4: unknown label 'This review.{29}…' in column 'stars'; expected one"):
-        ingest.ingest_labeled(cfg, ws)
-
-
-def test_labeled_csv_row_with_an_unquoted_comma_fails_instead_of_shifting_the_label(tmp_path: Path,
-                                                                                    ws: Workspace) -> None:
-    path = tmp_path / "train.csv"
-    rows = "".join(f"review {i},{('neg', 'pos')[i % 2]}\n" for i in range(20))
-    path.write_text(f"text,label\n{rows}great, really great,pos\n", encoding="utf-8")
-    cfg = LabeledConfig(source=LabeledFiles(train=str(path)))
-    with pytest.raises(DataError) as info:
-        ingest.ingest_labeled(cfg, ws)
-    assert f"{path}: line 22: 3 fields, expected 2 as in the header (line 1)" in str(info.value)
-    assert "really great" not in str(info.value)
-    assert _no_artifacts(ws, "labeled")
-
-
-def test_labeled_jsonl_row_without_the_label_key_names_line_and_key(tmp_path: Path, ws: Workspace) -> None:
-    rows = _labeled_frame(10).to_dict("records")
-    del rows[2]["stars"]
-    path = _write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = LabeledConfig(source=LabeledFiles(train=str(path)), text_column="review", label_column="stars")
-    with pytest.raises(DataError, match=r"train\.jsonl: line 3: no column 'stars'; columns present: title, review$"):
-        ingest.ingest_labeled(cfg, ws)
-
-
 @pytest.mark.parametrize("name", ["late.csv", "late.tsv", "late.jsonl", "late.json"])
 def test_corpus_table_error_after_the_first_row_names_it_and_leaves_nothing(tmp_path: Path, ws: Workspace,
                                                                             name: str) -> None:
     path = tmp_path / name
     docs = _docs(30)
     if name.endswith(".jsonl"):
-        _write_jsonl(path, [{"text": d} for d in docs[:25]] + [{"body": docs[25]}] + [{"text": d} for d in docs[26:]])
+        jsonl_file(path, [{"text": d} for d in docs[:25]] + [{"body": docs[25]}] + [{"text": d} for d in docs[26:]])
         expected = f"{path}: line 26: no column 'text'; columns present: body"
     elif name.endswith(".json"):
         path.write_text(json.dumps([{"text": d} for d in docs[:25]] + [{"body": "x"}]), encoding="utf-8")
@@ -480,87 +315,144 @@ def test_corpus_table_error_after_the_first_row_names_it_and_leaves_nothing(tmp_
     with pytest.raises(DataError) as info:
         ingest.ingest_corpus(_corpus(FilesSource(paths=[str(path)])), ws)
     assert expected in str(info.value)
-    assert _no_artifacts(ws, "corpora")
+    assert no_artifacts(ws, "corpora")
 
 
-def test_containment_groups_match_whole_words_and_keep_input_order_on_ties() -> None:
-    texts = ["a film of quiet power", "quiet power", "quiet  power ", "film", "a fil", "power and grace",
-             "power", "grace under fire"]
-    # "a fil" is not a word-boundary part of "a film ..."; "power" goes to the first (longest) root holding it.
-    assert ingest.containment_groups(texts) == [0, 0, 0, 0, 4, 5, 0, 7]
-    assert ingest.containment_groups([]) == []
+def test_ingest_corpus_writes_train_and_validation_jsonl(tiny_cfg) -> None:
+    ws = Workspace(tiny_cfg.workspace)
+    ref = ingest.ingest_corpus(tiny_cfg.corpus, ws, tiny_cfg.seed)
+    assert ref.dir == ws.dir("corpora", ref.fingerprint)
+    assert ref.reused is False
+    assert (ref.dir / MANIFEST).is_file()
+    train, val = texts(ref, "train"), texts(ref, "validation")
+    assert ref.meta["train_documents"] == len(train) > 0
+    assert ref.meta["validation_documents"] == len(val) > 0
+    assert ref.meta["documents_read"] == tiny_cfg.corpus.sources[0].documents == 300
+    assert len(train) + len(val) == 300 - ref.meta["duplicates_dropped"]
+    assert not set(train) & set(val)
+    assert all(t == t.strip() and t for t in train + val)
+    # Every row is exactly {"text": ...}.
+    rows = [json.loads(line) for line in (ref.dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(set(r) == {"text"} for r in rows)
+    assert ref.meta["train_chars"] == sum(len(t) for t in train)
+    manifest = json.loads((ref.dir / MANIFEST).read_text())
+    assert manifest["stage"] == "ingest_corpus" and manifest["fingerprint"] == ref.fingerprint
 
 
-def test_duplicate_groups_ignore_whitespace_only() -> None:
-    assert ingest.duplicate_groups(["ok lar", "Ok lar", " ok  lar ", "free entry", "ok lar"]) == [0, 1, 0, 3, 0]
+def test_ingest_files_deduplicates_paragraphs(tmp_path: Path) -> None:
+    unique = paragraphs(40)
+    # Five duplicates (one differing only by surrounding whitespace), extra blank lines and a
+    # whitespace-only "paragraph" between blocks, plus a too-short one.
+    text = "\n\n".join(unique + unique[:4] + ["   " + unique[4] + "  "]) + "\n\n\n   \n\nok\n\n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    ref = ingest.ingest_corpus(files_corpus(path, validation_fraction=0.3, min_chars=5), Workspace(tmp_path / "ws"))
+    meta = ref.meta
+    assert meta["documents_read"] == 46
+    assert meta["empty_dropped"] == 0  # whitespace-only lines separate paragraphs, they are not documents
+    assert meta["short_dropped"] == 1
+    assert meta["duplicates_dropped"] == 5
+    train, val = texts(ref, "train"), texts(ref, "validation")
+    assert meta["train_documents"] + meta["validation_documents"] == 40
+    assert sorted(train + val) == sorted(unique)
 
 
-def _phrase_frame(n_sentences: int) -> pd.DataFrame:
-    """Sentences with their phrases, as SST-2 ships them: every phrase carries its sentence's label."""
-    rows = []
-    for i in range(n_sentences):
-        label = i % 2
-        words = [f"w{i}x{j}" for j in range(6)] + ["good" if label else "bad", "film"]
-        rows.append({"text": " ".join(words), "label": label})
-        rows += [{"text": " ".join(words[k:k + 3]), "label": label} for k in range(0, 6, 2)]
-    return pd.DataFrame(rows)
+def test_ingest_files_line_unit_counts_empty_lines(tmp_path: Path) -> None:
+    lines = [f"Line number {i} about the weather." for i in range(30)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines[:10] + ["", "   "] + lines + [lines[0]]) + "\n", encoding="utf-8")
+    ref = ingest.ingest_corpus(files_corpus(path, text_unit="line", validation_fraction=0.3),
+                               Workspace(tmp_path / "ws"))
+    assert ref.meta["documents_read"] == 43
+    assert ref.meta["empty_dropped"] == 2
+    assert ref.meta["duplicates_dropped"] == 11
+    assert sorted(texts(ref, "train") + texts(ref, "validation")) == sorted(lines)
 
 
-def test_labeled_split_groups_hold_out_whole_sentences_and_drop_their_phrases(ws: Workspace) -> None:
-    frame = _phrase_frame(60)
-    plain = ingest.ingest_labeled(LabeledConfig(source=LabeledDataFrames()), ws, frames={"train": frame})
-    grouped_cfg = LabeledConfig(source=LabeledDataFrames(), split_groups="contained_text")
-    grouped = ingest.ingest_labeled(grouped_cfg, ws, frames={"train": frame})
-    assert grouped.fingerprint != plain.fingerprint
-    train = [r["text"] for r in ingest.load_split(grouped, "train")]
-    held = [r["text"] for split in ("validation", "test") for r in ingest.load_split(grouped, split)]
-    # 60 groups: 10% + 10% held out as whole sentences (8 words each), stratified by label.
-    assert len(held) == 12 and all(len(t.split()) == 8 for t in held)
-    assert grouped.meta["class_balance"]["validation"] == {"0": 3, "1": 3}
-    # No training row is a sentence or a phrase of a held-out sentence; the rest of each group stays.
-    assert not [t for t in train if any(f" {t} " in f" {h} " for h in held)]
-    assert len(train) == 240 - 12 * 4
-    report = ingest.load_data_report(grouped)
-    assert report["held_out_group_rows_left_out"] == 36
-    assert "grouped by containing text" in report["origin"]["validation"]
-    assert "36 rows grouped with held-out texts" in reports.data_report_markdown(report)
-    assert report["held_out_texts_in_train"] == {"validation": 0, "test": 0}
-    # Without grouping, phrases of held-out sentences stay in training: the leak grouping removes.
-    plain_train = {r["text"] for r in ingest.load_split(plain, "train")}
-    plain_held = [r["text"] for r in ingest.load_split(plain, "validation")]
-    assert any(f" {t} " in f" {h} " for h in plain_held for t in plain_train if t != h)
+def test_split_is_stable_when_documents_are_appended(tmp_path: Path) -> None:
+    path = tmp_path / "grow.txt"
+    path.write_text("\n\n".join(paragraphs(40)), encoding="utf-8")
+    cfg = files_corpus(path, validation_fraction=0.3)
+    ws = Workspace(tmp_path / "ws")
+    before = ingest.ingest_corpus(cfg, ws)
+    path.write_text("\n\n".join(paragraphs(40) + paragraphs(40, start=1000)), encoding="utf-8")
+    after = ingest.ingest_corpus(cfg, ws)
+    assert after.fingerprint != before.fingerprint  # new content, new artifact
+    assert after.reused is False
+    assert set(texts(before, "train")) <= set(texts(after, "train"))
+    assert set(texts(before, "validation")) <= set(texts(after, "validation"))
+    assert after.meta["train_documents"] + after.meta["validation_documents"] == 80
+    # Order of documents in the file does not matter either.
+    path.write_text("\n\n".join(list(reversed(paragraphs(40)))), encoding="utf-8")
+    reordered = ingest.ingest_corpus(cfg, Workspace(tmp_path / "ws2"))
+    assert set(texts(reordered, "validation")) == set(texts(before, "validation"))
 
 
-def test_labeled_real_sst2_and_sms_spam(shared_data: Path, ws: Workspace) -> None:
-    sst = LabeledConfig(source=LabeledFiles(train=str(shared_data / "sst2" / "train.tsv"),
-                                            validation=str(shared_data / "sst2" / "dev.tsv")), text_column="sentence",
-                        label_names=["negative", "positive"])
-    ref = ingest.ingest_labeled(sst, ws)
-    assert ref.meta["splits_given"] == ["train", "validation"]
-    total = ref.meta["rows"]["train"] + ref.meta["rows"]["test"]
-    assert total == 67349 and ref.meta["rows"]["validation"] == 872
-    assert ref.meta["class_balance"]["validation"] == {"negative": 428, "positive": 444}
-    # Grouped by sentence: GLUE's 67,349 phrases come from 6,886 texts; the held-out test split is 689 whole
-    # sentences (dev's length), and their 5,950 phrases leave training.
-    ref = ingest.ingest_labeled(sst.model_copy(update={"split_groups": "contained_text"}), ws)
-    test = ingest.load_split(ref, "test")
-    assert len(test) == 689 and ref.meta["rows"]["train"] == 67349 - 689 - 5950
-    assert 18 < sum(len(r["text"].split()) for r in test) / len(test) < 21
-    spam = LabeledConfig(source=LabeledFiles(train=str(shared_data / "sms_spam" / "SMSSpamCollection"),
-                                             has_header=False), text_column="1", label_column="0")
-    ref = ingest.ingest_labeled(spam, ws)
-    balance = ref.meta["class_balance"]
-    assert sum(balance[s]["ham"] for s in balance) == 4827 and sum(balance[s]["spam"] for s in balance) == 747
-    # Stratified: each split keeps the 13% spam share.
-    for split in ("train", "validation", "test"):
-        share = balance[split]["spam"] / sum(balance[split].values())
-        assert 0.11 < share < 0.16, split
-    # A plain 10% split scores 60 test messages that are also training messages; duplicate_text keeps copies
-    # together: 20% of the 5,160 distinct messages, none seen in training, spam share kept.
-    assert ingest.load_data_report(ref)["held_out_texts_in_train"]["test"] == 60
-    dedup = ingest.ingest_labeled(spam.model_copy(update={"split_groups": "duplicate_text", "test_fraction": 0.2}), ws)
-    report = ingest.load_data_report(dedup)
-    assert report["held_out_texts_in_train"] == {"validation": 0, "test": 0}
-    assert report["rows"]["test"] == 1033 and report["class_balance"]["test"] == {"ham": 904, "spam": 129}
-    # TSV fields are verbatim: a message that starts with a quote keeps it.
-    assert any(r["text"].startswith('"') for r in ingest.load_split(ref, "train"))
+def test_invalid_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("\n\n".join(paragraphs(20)), encoding="utf-8")
+    bad = tmp_path / "bad.txt"
+    data = "Caf\u00e9 is fine.\n\nThis is not: ".encode() + b"\xff\xfe here.\n"
+    bad.write_bytes(data)
+    offset = data.index(b"\xff")
+    cfg = CorpusConfig(sources=[FilesSource(paths=[str(good), str(bad)])])
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(DataError) as info:
+        ingest.ingest_corpus(cfg, ws)
+    msg = str(info.value)
+    assert str(bad) in msg
+    assert f"byte offset {offset}" in msg
+    assert str(good) not in msg
+    # The failed build leaves no artifact and no temporary directory behind.
+    assert [p.name for p in (ws.root / "corpora").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_missing_corpus_file_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nothing-here"):
+        ingest.ingest_corpus(files_corpus(tmp_path / "nothing-here*.txt"),
+                             Workspace(tmp_path / "ws"))
+
+
+def test_stage_reuses_its_artifact(tiny_cfg) -> None:
+    ws = Workspace(tiny_cfg.workspace)
+    first = ingest.ingest_corpus(tiny_cfg.corpus, ws, tiny_cfg.seed)
+    mtime = (first.dir / MANIFEST).stat().st_mtime_ns
+    second = ingest.ingest_corpus(tiny_cfg.corpus, ws, tiny_cfg.seed)
+    assert (first.reused, second.reused) == (False, True)
+    assert second.fingerprint == first.fingerprint and second.path == first.path
+    assert second.meta == first.meta
+    assert (first.dir / MANIFEST).stat().st_mtime_ns == mtime  # not rebuilt
+    # A different seed is a different artifact.
+    other = ingest.ingest_corpus(tiny_cfg.corpus, ws, tiny_cfg.seed + 1)
+    assert other.fingerprint != first.fingerprint and other.reused is False
+
+
+def test_leftover_tmp_dir_is_ignored(tiny_cfg, tmp_path: Path) -> None:
+    reference = ingest.ingest_corpus(tiny_cfg.corpus, Workspace(tmp_path / "reference"), tiny_cfg.seed)
+    fp = reference.fingerprint
+    ws = Workspace(tiny_cfg.workspace)
+    # A crashed build: a half-written temporary directory with a plausible manifest.
+    leftover = ws.root / "corpora" / f"{fp}.tmp-deadbeef"
+    leftover.mkdir(parents=True)
+    (leftover / "train.jsonl").write_text('{"text": "half"}\n')
+    (leftover / MANIFEST).write_text(json.dumps({"fingerprint": fp, "meta": {}, "build_seconds": 0}))
+    ref = ingest.ingest_corpus(tiny_cfg.corpus, ws, tiny_cfg.seed)
+    assert ref.reused is False
+    assert ref.dir == ws.dir("corpora", fp) and ".tmp-" not in ref.path
+    assert (ref.dir / "train.jsonl").read_bytes() == (reference.dir / "train.jsonl").read_bytes()
+    assert ref.meta == reference.meta
+    # A directory under the final name without a manifest is not trusted either.
+    ws2 = Workspace(tmp_path / "ws2")
+    partial = ws2.dir("corpora", fp)
+    partial.mkdir(parents=True)
+    (partial / "train.jsonl").write_text('{"text": "half"}\n')
+    rebuilt = ingest.ingest_corpus(tiny_cfg.corpus, ws2, tiny_cfg.seed)
+    assert rebuilt.reused is False
+    assert (rebuilt.dir / "train.jsonl").read_bytes() == (reference.dir / "train.jsonl").read_bytes()
+
+
+def test_literal_path_with_brackets(tmp_path: Path) -> None:
+    path = tmp_path / "notes[1].txt"
+    path.write_text("\n\n".join(paragraphs(40)), encoding="utf-8")
+    ref = ingest.ingest_corpus(files_corpus(path, validation_fraction=0.3), Workspace(tmp_path / "ws"))
+    assert ref.meta["documents_read"] == 40

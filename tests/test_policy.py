@@ -1,20 +1,17 @@
-"""What a run created through the Prefect API may reach (tasks/policy.py), which failures are retried, and the
-work-pool templates that keep a run from choosing what the worker starts."""
+"""What a run created through the Prefect API may reach (tasks/policy.py): the operator's folders and
+capabilities, resolved paths, artifact references of the run's own workspace."""
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
 
-from flows import deploy
-from flows.retries import StageTimeout, is_transient
 from tasks.artifacts import CheckpointRef, Workspace
-from tasks.errors import ConfigError, DataError
+from tasks.errors import ConfigError
 from tasks.policy import Policy, PolicyError, check_config
+from tests.support import tiny_config
 
 
 def _refused(cfg, policy: Policy, **kw) -> str:
@@ -91,65 +88,3 @@ def test_artifact_references_must_be_complete_artifacts_of_the_runs_workspace(pl
     assert "lm: must name a complete checkpoints artifact" in _refused(cfg, policy, refs={"lm": elsewhere})
     traversal = lm.model_copy(update={"fingerprint": "../../outside"})
     assert "lm:" in _refused(cfg, policy, refs={"lm": traversal})
-
-
-@pytest.mark.parametrize(("exc", "training", "retried"), [
-    (OSError(errno.EIO, "I/O error"), False, True),
-    (OSError(errno.ESTALE, "stale file handle"), False, True),
-    (ConnectionResetError(errno.ECONNRESET, "reset"), False, True),
-    (TimeoutError("read timed out"), False, True),
-    (OSError(errno.ENOSPC, "No space left on device"), False, False),
-    (OSError(errno.EROFS, "read-only file system"), False, False),
-    (FileNotFoundError(errno.ENOENT, "missing"), False, False),
-    (ValueError("bad value"), False, False),
-    (RuntimeError("torchrun exited with code 1"), False, False),
-    (DataError("bad row"), False, False),
-    (StageTimeout("stage evaluate-lm ran past its time limit"), False, True),
-    (StageTimeout("stage pretrain ran past its time limit"), True, False),
-])
-def test_only_what_can_succeed_is_retried(exc: BaseException, training: bool, retried: bool) -> None:
-    assert is_transient(exc, training) is retried
-
-
-def test_library_errors_are_classified_by_what_they_wrap() -> None:
-    import torch
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
-
-    assert is_transient(torch.OutOfMemoryError("CUDA out of memory")) is False
-    assert is_transient(MlflowException("API request failed", error_code=INTERNAL_ERROR)) is True
-    assert is_transient(MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)) is False
-    try:
-        try:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
-        except ConnectionRefusedError as inner:
-            raise RuntimeError("the hub could not be reached") from inner
-    except RuntimeError as outer:
-        assert is_transient(outer) is True
-
-
-def test_llmpipe_process_pools_accept_no_command_env_or_working_dir() -> None:
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.workers.process import ProcessWorker
-
-    template = deploy.process_job_template()
-    assert not {"command", "env", "working_dir"} & set(template["variables"]["properties"])
-    assert not {"command", "env", "working_dir"} & set(template["job_configuration"])
-    assert template["variables"]["additionalProperties"] is False
-    WorkPoolCreate(name="cpu", type="process", base_job_template=template)  # Prefect's own template checks
-    assert deploy.overridable(ProcessWorker.get_default_base_job_template()) == ["command", "env", "working_dir"]
-    assert deploy.overridable(template) == []
-
-
-def test_kubernetes_template_fixes_what_starts_where_and_with_which_credentials() -> None:
-    template = json.loads((deploy.DEPLOY_DIR / "kubernetes-gpu-job-template.json").read_text())
-    variables = template["variables"]
-    fixed = {"image", "command", "env", "namespace", "service_account_name", "cluster_config", "workspace_claim"}
-    assert not fixed & set(variables["properties"]) and variables["additionalProperties"] is False
-    job = template["job_configuration"]
-    pod = job["job_manifest"]["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"] == "registry.example.com/llmpipe:latest"
-    assert job["namespace"] == job["job_manifest"]["metadata"]["namespace"] == "llmpipe"
-    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
-    assert job["command"] is None and job["cluster_config"] is None
-    assert "{{" not in json.dumps([job["env"], pod["volumes"], pod["containers"][0]["image"]])

@@ -1,5 +1,5 @@
 """Strict tables: ragged rows, unbalanced quotes and missing keys are errors naming the file and line, and no
-error message quotes the data (``tasks.sources``, and ``read_texts`` of ``llmpipe predict --input``)."""
+error message quotes the data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import DataError
-from tasks.predict import read_texts
 from tasks.sources import Utf8Policy, table_rows
 
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
@@ -146,46 +145,3 @@ def test_json_errors_quote_no_data(tmp_path: Path) -> None:
 
 
 # ================================================================ read_texts (llmpipe predict --input)
-
-
-def test_predict_input_follows_the_same_strict_rules(tmp_path: Path) -> None:
-    path = tmp_path / "in.csv"
-    path.write_text("id,text\n1,fine film\n2,great, really great\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"in\.csv: line 3: 3 fields, expected 2 as in the header"):
-        read_texts(path, "text")
-    path.write_text('id,text\n1,fine film\n2,"never closed\n3,x\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"in\.csv: line 3: a quoted field .* never closed"):
-        read_texts(path, "text")
-    jsonl = tmp_path / "in.jsonl"
-    jsonl.write_text('{"text": "a"}\n\n{"body": "b"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"in\.jsonl: line 3: no column 'text'; columns present: body"):
-        read_texts(jsonl, "text")
-
-
-def test_predict_input_rows_are_numbered_by_line(tmp_path: Path) -> None:
-    path = tmp_path / "in.tsv"
-    path.write_text("text\tid\nfine\t1\n\nalso fine\t2\n", encoding="utf-8")
-    rows, texts = read_texts(path, "text")
-    assert texts == ["fine", "also fine"] and rows == [{"text": "fine", "id": "1"}, {"text": "also fine", "id": "2"}]
-    csv_path = tmp_path / "in.csv"
-    csv_path.write_text('text,id\n"two\nlines",1\n"",2\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"in\.csv: row 4: column 'text' is empty; expected text"):
-        read_texts(csv_path, "text")
-    with pytest.raises(DataError, match=r"unsupported file type \.json; use \.csv, \.tsv or \.jsonl"):
-        (tmp_path / "x.json").write_text("[]")
-        read_texts(tmp_path / "x.json", "text")
-
-
-def test_predict_input_rows_round_trip_through_write_predictions(tmp_path: Path) -> None:
-    from tasks.predict import write_predictions
-
-    path = tmp_path / "in.csv"
-    path.write_text('\ufeffid,text\n1,"two\nlines, and a comma"\n2,plain\n', encoding="utf-8")
-    rows, texts = read_texts(path, "text")
-    assert texts == ["two\nlines, and a comma", "plain"]
-    out = write_predictions(path, rows, [{"label": "pos", "score": 0.9}, {"label": "neg", "score": 0.8}])
-    assert [(r["id"], r["text"], r["label"]) for _, r in _rows(out, "csv", ["id", "text", "label", "score"])] == [
-        ("1", "two\nlines, and a comma", "pos"), ("2", "plain", "neg")]
-    jsonl = tmp_path / "in.jsonl"
-    jsonl.write_text('{"id": 7, "text": "a"}\n', encoding="utf-8")
-    assert read_texts(jsonl, "text") == ([{"id": 7, "text": "a"}], ["a"])

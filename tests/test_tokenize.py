@@ -1,31 +1,23 @@
-"""Tokenizer training/loading and the sharded tokenize stage: exact encoding, packing, reuse, Prefect and Dask."""
+"""The tokenizer (trained or existing) and the sharded tokenize stage: exact encoding, packing, checksums, reuse."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import random
+import shutil
 import string
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
 
 from tasks import ingest, tokenize
 from tasks.artifacts import TokensRef, Workspace
-from tasks.config import CorpusConfig, FilesSource, TokenizerConfig
+from tasks.config import CorpusConfig, FilesSource, TokenizerConfig, load_config
 from tasks.errors import ConfigError, DataError
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """The tiny corpus and its trained tokenizer (built once)."""
-    cfg = tiny_config(tmp_path_factory.mktemp("tok") / "ws")
-    ws = Workspace(cfg.workspace)
-    corpus = ingest.ingest_corpus(cfg.corpus, ws, cfg.seed)
-    return cfg, ws, corpus, tokenize.train_tokenizer(corpus, cfg.tokenizer, ws)
+from tests.support import Chain, files_corpus, paragraphs, texts
 
 
 def _reference_ids(tokenizer_file: Path, docs: list[str], eos: int) -> np.ndarray:
@@ -46,15 +38,11 @@ def _split_docs(ref: TokensRef, split: str, tokenizer_dir: Path) -> list[str]:
     return [tok.decode(arr[a : b - 1].tolist(), skip_special_tokens=False) for a, b in itertools.pairwise(offsets)]
 
 
-def _texts(corpus, split: str) -> list[str]:
-    return [r["text"] for r in ingest.load_split(corpus, split)]
-
-
 # ================================================================ encoding is exact
 
 
 def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
-    _, _, _, tok_ref = chain
+    tok_ref = chain.tokenizer
     rng = random.Random(0)
     alphabet = [chr(i) for i in range(128)] + ["'s", "'ll", " ", "  ", "\n", "\r\n", "<|endoftext|>", "<|pad|>",
                                                "caf\u00e9", "\u65e5\u672c", "\u2028", "\xa0", "\U0001f600"]
@@ -80,7 +68,7 @@ def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
 def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_data: Path, tmp_path: Path) -> None:
     from tokenizers import Tokenizer, normalizers
 
-    _, _, _, tok_ref = chain
+    tok_ref = chain.tokenizer
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     docs = [p for p in text.split("\n\n")[:1500]]
     docs += (shared_data / "wikitext2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:1500]
@@ -100,7 +88,7 @@ def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_da
 
 
 def test_packed_tokens_decode_back_to_documents_and_shard_size_does_not_matter(chain, tmp_path: Path) -> None:
-    _, ws, corpus, tok_ref = chain
+    ws, corpus, tok_ref = chain.ws, chain.corpus, chain.tokenizer
     one = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "one"))
     many = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "many"), shard_mb=0.004)
     assert one.fingerprint == many.fingerprint
@@ -109,9 +97,9 @@ def test_packed_tokens_decode_back_to_documents_and_shard_size_does_not_matter(c
         info = many.meta["splits"][split]
         assert (one.dir / info["file"]).read_bytes() == (many.dir / info["file"]).read_bytes()
         assert info["sha256"] == one.meta["splits"][split]["sha256"]
-        assert info["documents"] == sum(s["documents"] for s in info["shards"]) == len(_texts(corpus, split))
+        assert info["documents"] == sum(s["documents"] for s in info["shards"]) == len(texts(corpus, split))
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"])
-        assert _split_docs(many, split, tok_ref.dir) == _texts(corpus, split)
+        assert _split_docs(many, split, tok_ref.dir) == texts(corpus, split)
         arr = tokenize.open_tokens(many, split, verify=True)
         assert isinstance(arr, np.memmap) and arr.dtype == np.uint16
     assert not ws.work_dir("tokens", many.fingerprint).exists()  # the shards are gone once packed
@@ -119,7 +107,7 @@ def test_packed_tokens_decode_back_to_documents_and_shard_size_does_not_matter(c
 
 
 def test_process_workers_give_identical_files(chain, tmp_path: Path) -> None:
-    _, _, corpus, tok_ref = chain
+    corpus, tok_ref = chain.corpus, chain.tokenizer
     serial = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "serial"), shard_mb=0.01)
     parallel = tokenize.tokenize_corpus(corpus, tok_ref, Workspace(tmp_path / "parallel"), shard_mb=0.01, workers=2)
     assert serial.meta == parallel.meta
@@ -170,8 +158,8 @@ def test_ids_above_65535_round_trip_through_uint32(tmp_path: Path) -> None:
     for split in ("train", "validation"):
         arr = tokenize.open_tokens(tokens, split, verify=True)
         assert arr.dtype == np.uint32 and int(arr.max()) > 65_535
-        assert _split_docs(tokens, split, tok_ref.dir) == _texts(corpus, split)
-        assert np.array_equal(np.asarray(arr), _reference_ids(tok_ref.dir / "tokenizer.json", _texts(corpus, split),
+        assert _split_docs(tokens, split, tok_ref.dir) == texts(corpus, split)
+        assert np.array_equal(np.asarray(arr), _reference_ids(tok_ref.dir / "tokenizer.json", texts(corpus, split),
                                                               tokens.meta["eos_id"]))
 
 
@@ -181,7 +169,7 @@ def test_ids_above_65535_round_trip_through_uint32(tmp_path: Path) -> None:
 def test_pretrained_tokenizer_by_path_is_content_addressed_and_loads(chain, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    _, ws, corpus, trained = chain
+    ws, corpus, trained = chain.ws, chain.corpus, chain.tokenizer
     exported = tmp_path / "exported"
     AutoTokenizer.from_pretrained(trained.path).save_pretrained(str(exported))
     ref = tokenize.train_tokenizer(corpus, TokenizerConfig(pretrained=str(exported)), ws)
@@ -202,7 +190,7 @@ def test_pretrained_tokenizer_by_path_is_content_addressed_and_loads(chain, tmp_
 def test_extra_special_tokens_are_reserved(chain, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    cfg, _, corpus, plain = chain
+    cfg, corpus, plain = chain.cfg, chain.corpus, chain.tokenizer
     ws = Workspace(tmp_path / "ws")
     specials = cfg.tokenizer.model_copy(update={"special_tokens": ["<|user|>", "<|assistant|>"]})
     ref = tokenize.train_tokenizer(corpus, specials, ws)
@@ -219,7 +207,7 @@ def test_extra_special_tokens_are_reserved(chain, tmp_path: Path) -> None:
 
 
 def test_shards_are_reused_and_a_corrupt_shard_is_refused(chain, tmp_path: Path) -> None:
-    _, _, corpus, tok_ref = chain
+    corpus, tok_ref = chain.corpus, chain.tokenizer
     ws = Workspace(tmp_path / "ws")
     plan = tokenize.plan_tokenize(corpus, tok_ref, ws, shard_mb=0.01)
     first = tokenize.encode_shard(plan.shards[0])
@@ -245,7 +233,7 @@ def test_shards_are_reused_and_a_corrupt_shard_is_refused(chain, tmp_path: Path)
 
 def test_a_second_run_during_the_first_reuses_its_shards_and_artifact(chain, tmp_path: Path) -> None:
     """Two runs interleaved step by step: neither reads a half-written file, and they end with one artifact."""
-    _, _, corpus, tok_ref = chain
+    corpus, tok_ref = chain.corpus, chain.tokenizer
     ws = Workspace(tmp_path / "ws")
     plan_a = tokenize.plan_tokenize(corpus, tok_ref, ws, shard_mb=0.01)
     results_a = [tokenize.encode_shard(s) for s in plan_a.shards]
@@ -263,7 +251,7 @@ def test_a_second_run_during_the_first_reuses_its_shards_and_artifact(chain, tmp
 
 
 def test_a_second_run_waits_for_the_first_to_finish_packing(chain, tmp_path: Path) -> None:
-    _, _, corpus, tok_ref = chain
+    corpus, tok_ref = chain.corpus, chain.tokenizer
     ws = Workspace(tmp_path / "ws")
     fp = tokenize.tokens_fingerprint(corpus, tok_ref)
     out: list = []
@@ -276,54 +264,89 @@ def test_a_second_run_waits_for_the_first_to_finish_packing(chain, tmp_path: Pat
     assert ws.is_complete(Path(out[0].path))
 
 
-# ================================================================ in a flow: the default thread pool and Dask
+def test_trained_tokenizer_loads_with_auto_tokenizer(chain: Chain) -> None:
+    from transformers import AutoTokenizer
+
+    ref = chain.tokenizer
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    assert tok.eos_token == chain.cfg.tokenizer.eos_token == "<|endoftext|>"
+    assert tok.pad_token == chain.cfg.tokenizer.pad_token == "<|pad|>"
+    assert tok.eos_token_id == ref.meta["eos_id"] and tok.pad_token_id == ref.meta["pad_id"]
+    assert tok.eos_token_id != tok.pad_token_id
+    assert len(tok) == ref.meta["vocab_size"] == chain.cfg.tokenizer.vocab_size
+    text = "The weather at the market was wonderful."
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) < len(text.encode())  # merges were learned
+    assert tok.decode(ids) == text
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _tokenize_flow():
-    from prefect import flow
-
-    from flows import steps
-
-    @flow(name="tokenize-test")
-    def tokenize_flow(cfg):
-        corpus = steps.ingest_corpus(cfg)
-        tokenizer = steps.train_tokenizer(cfg, corpus)
-        return steps.tokenize_corpus(cfg, corpus, tokenizer)
-
-    return tokenize_flow
+def test_tokenizer_training_is_deterministic(chain: Chain, tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "other")
+    corpus = ingest.ingest_corpus(chain.cfg.corpus, ws, chain.cfg.seed)
+    ref = tokenize.train_tokenizer(corpus, chain.cfg.tokenizer, ws)
+    assert ref.reused is False and ref.path != chain.tokenizer.path
+    assert ref.fingerprint == chain.tokenizer.fingerprint
+    assert (ref.dir / "tokenizer.json").read_bytes() == (chain.tokenizer.dir / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.slow
-def test_shard_map_on_threads_and_on_dask_gives_byte_identical_shards(harness, tmp_path: Path, monkeypatch,
-                                                                      restore_environ) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect_dask import DaskTaskRunner
+def test_vocab_below_byte_alphabet_is_a_config_error(chain: Chain) -> None:
+    with pytest.raises(ConfigError, match=r"tokenizer\.vocab_size"):
+        load_config(None, ["tokenizer.vocab_size=257"])
+    # The stage checks too, for configs built without validation.
+    small = TokenizerConfig.model_construct(**{**chain.cfg.tokenizer.model_dump(), "vocab_size": 257})
+    with pytest.raises(ConfigError) as info:
+        tokenize.train_tokenizer(chain.corpus, small, chain.ws)
+    assert "tokenizer.vocab_size=257" in str(info.value) and "256" in str(info.value)
 
-    monkeypatch.chdir(tmp_path)  # MLflow's SQLite store keeps its artifacts in ./mlartifacts
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    flow = _tokenize_flow()
-    threads = flow(tiny_config(tmp_path / "threads", "tokenizer.shard_mb=0.025"))
-    dask_runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
-                                                 "dashboard_address": None})
-    on_dask = flow.with_options(task_runner=dask_runner)(tiny_config(tmp_path / "dask", "tokenizer.shard_mb=0.025"))
-    assert threads.fingerprint == on_dask.fingerprint and on_dask.reused is False
-    shards = threads.meta["splits"]["train"]["shards"]
-    assert len(shards) >= 3
-    assert on_dask.meta["splits"] == threads.meta["splits"]  # every shard's checksum, counts and the packed file's
+
+def _decode_docs(tokens: np.ndarray, tokenizer_dir: Path, eos: int) -> list[str]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    arr = np.asarray(tokens)
+    assert arr[-1] == eos
+    ends = np.flatnonzero(arr == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tok.decode(arr[s:e].tolist(), skip_special_tokens=False) for s, e in zip(starts, ends, strict=True)]
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_token_file_decodes_back_to_documents(chain: Chain, split: str) -> None:
+    ref = chain.tokens
+    arr = tokenize.open_tokens(ref, split, verify=True)
+    assert arr.dtype == np.uint16 and ref.meta["dtype"] == "uint16"
+    info = ref.meta["splits"][split]
+    assert len(arr) == info["tokens"]
+    assert int(arr.max()) < ref.meta["vocab_size"]
+    docs = texts(chain.corpus, split)
+    assert info["documents"] == len(docs)
+    assert _decode_docs(arr, chain.tokenizer.dir, ref.meta["eos_id"]) == docs
+
+
+def test_corrupted_token_file_is_detected(chain: Chain, tmp_path: Path) -> None:
+    copy = tmp_path / "tokens-copy"
+    shutil.copytree(chain.tokens.dir, copy)
+    data = bytearray((copy / "train.bin").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "train.bin").write_bytes(bytes(data))
+    bad = chain.tokens.model_copy(update={"path": str(copy)})
+    assert isinstance(bad, TokensRef) and bad.dir == copy
+    with pytest.raises(DataError) as info:
+        tokenize.open_tokens(bad, "train", verify=True)
+    assert "checksum" in str(info.value) and str(copy / "train.bin") in str(info.value)
+    # Without verification it still opens; the untouched split and the original still verify.
+    assert len(tokenize.open_tokens(bad, "train")) == chain.tokens.meta["splits"]["train"]["tokens"]
+    tokenize.open_tokens(bad, "validation", verify=True)
+    tokenize.open_tokens(chain.tokens, "train", verify=True)
+
+
+def test_literal_eos_text_does_not_split_a_document(chain: Chain, tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(paragraphs(40) + ["Before <|endoftext|> after, still one document."]),
+                    encoding="utf-8")
+    ws = Workspace(tmp_path / "ws")
+    corpus = ingest.ingest_corpus(files_corpus(path, validation_fraction=0.3), ws)
+    tokens = tokenize.tokenize_corpus(corpus, chain.tokenizer, ws)
     for split in ("train", "validation"):
-        assert (threads.dir / f"{split}.bin").read_bytes() == (on_dask.dir / f"{split}.bin").read_bytes()
-    # The corpus data report is a markdown artifact of the ingest task.
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["corpus-data-report"])))
-    assert found and "| deduplicate |" in found[0].data
-    # A second flow run reuses the artifact.
-    assert flow(tiny_config(tmp_path / "threads", "tokenizer.shard_mb=0.025")).reused
+        arr = tokenize.open_tokens(tokens, split)
+        assert _decode_docs(arr, chain.tokenizer.dir, tokens.meta["eos_id"]) == texts(corpus, split)

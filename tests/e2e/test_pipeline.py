@@ -8,17 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mini_config, tiny_config
+
+from tests.support import mini_config, tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_llm_pipeline_registers_a_loadable_champion(harness, tmp_path: Path, monkeypatch) -> None:

@@ -9,10 +9,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import test_register as helpers
 
+from benchmarks.servers import MlflowServer, free_port, process
 from flows.cli import main as cli
 from tasks import predict, registry
+from tests.support import build_models, with_registry
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +26,10 @@ TEXTS = [
 
 
 def test_models_serve_answers_with_the_labels_of_in_process_prediction(tmp_path: Path, monkeypatch, capsys) -> None:
-    models = helpers.build_models(tmp_path / "models")
+    models = build_models(tmp_path / "models" / "ws")
     name = "served-model"
-    cfg = helpers.with_registry(models.cfg, model_name=name)
-    with helpers.mlflow_server(tmp_path / "mlflow") as url:
+    cfg = with_registry(models.cfg, model_name=name)
+    with MlflowServer(tmp_path / "mlflow") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         ref = registry.register_classifier(cfg, models.lm, models.lm_report, models.classifier, models.report,
                                         models.labeled)
@@ -36,10 +37,10 @@ def test_models_serve_answers_with_the_labels_of_in_process_prediction(tmp_path:
         expected = predict.predict(f"models:/{name}@champion", TEXTS)
         assert {r["label"] for r in expected} <= {"negative", "positive"}
 
-        port = helpers.free_port()
+        port = free_port()
         serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-        with helpers.process(serve, tmp_path / "serve.log", f"http://127.0.0.1:{port}/ping",
+        with process(serve, tmp_path / "serve.log", f"http://127.0.0.1:{port}/ping",
                              env={"MLFLOW_TRACKING_URI": url}):
             request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                              data=json.dumps({"inputs": TEXTS}).encode(),

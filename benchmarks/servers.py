@@ -1,0 +1,143 @@
+"""Real servers on loopback for end-to-end checks (the fault matrix here, ``tests/e2e``): a process in a session of
+its own that Linux stops when the process that started it dies (even by ``kill -9``), waited for over HTTP, and
+stopped with everything it started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.distributed import die_with_parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without Prefect's, MLflow's and llmpipe's settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LLMPIPE_"))}
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """``cmd`` in a session of its own, output to ``log``; it gets SIGTERM when this process dies first."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a process started by ``start`` and everything it started (its session): SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Until ``url`` answers 200; an error with the log's tail if ``proc`` exits or time runs out first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``cmd`` started with this environment plus ``env``, ready once ``ready_url`` answers, stopped afterwards."""
+    proc = start(cmd, {**os.environ, **(env or {})}, log)
+    try:
+        wait_http(ready_url, proc, log)
+        yield proc
+    finally:
+        stop(proc)
+
+
+class MlflowServer:
+    """``mlflow server`` on a SQLite store in ``root`` with a local artifact root (proxied over HTTP), on a free
+    port; started and stopped at will, the store survives. As a context manager: started, and its URL."""
+
+    def __init__(self, root: Path):
+        self.root, self.proc, self.url = root, None, ""
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> str:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+        self.proc = start(cmd, base_env(), self.root / "mlflow.log", self.root)
+        wait_http(f"{self.url}/health", self.proc, self.root / "mlflow.log")
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class PrefectServer:
+    """``prefect server start`` on a free loopback port with a home of its own; ``env`` points clients (the CLI,
+    workers) at it, and ``start`` runs more processes (workers, ``llmpipe serve``) that stop with it."""
+
+    def __init__(self, root: Path, **settings: str):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{free_port()}/api"
+        self.env = {**base_env(), "PREFECT_API_URL": self.url, "PREFECT_HOME": str(root / "client-home"),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **settings}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
+        """``cmd`` with ``env`` (default: the clients'), output in ``<root>/<name>.log``."""
+        log = self.root / f"{name}.log"
+        self.procs.append(start(cmd, env or self.env, log, cwd or self.root))
+        return log
+
+    def __enter__(self) -> PrefectServer:
+        port = self.url.split(":")[-1].split("/")[0]
+        server_env = {**base_env(), "PREFECT_HOME": str(self.root / "server-home"),
+                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+        log = self.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                    "--port", port, "--no-ui"], server_env)
+        try:
+            wait_http(f"{self.url}/health", self.procs[0], log)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)

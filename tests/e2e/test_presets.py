@@ -1,0 +1,52 @@
+"""The real-data presets on local copies of their data sets: SST-2 (GLUE files) and the SMS Spam Collection,
+at a smoke-test size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks import ingest
+from tests.support import Models, build_models
+
+pytestmark = pytest.mark.slow
+
+
+def _run(models: Models) -> dict[str, Any]:
+    return {"labeled": models.labeled, "report": models.report.load()}
+
+
+SMALL = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "tokenizer.vocab_size=400", "pretrain.max_steps=3",
+         "pretrain.warmup_steps=1", "finetune.max_steps=3", "finetune.warmup_steps=1", "finetune.eval_every=3",
+         "evaluate.samples=0", "runtime.threads=1"]
+
+
+def test_sst2_preset_on_local_glue_files(shared_data: Path, tmp_path: Path) -> None:
+    d = shared_data / "sst2"
+    out = _run(build_models(tmp_path / "ws", *SMALL,
+                            f"corpus.sources=[{{kind: files, paths: [{d / 'train.tsv'}], text_columns: [sentence]}}]",
+                            f"labeled.source={{kind: files, train: {d / 'train.tsv'}, test: {d / 'dev.tsv'}}}",
+                            preset="sst2"))
+    assert out["report"]["test_rows"] == 872 and out["report"]["labels"] == ["negative", "positive"]
+    # 10% of the 6,886 source sentences held out whole for validation; their phrases left training.
+    rows = out["labeled"].meta["rows"]
+    assert rows["validation"] == 689 and rows["train"] == 67349 - 689 - 5950
+    assert out["report"]["baselines"]["tfidf_logreg"]["accuracy"] > 0.8
+
+
+def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Path) -> None:
+    f = shared_data / "sms_spam" / "SMSSpamCollection"
+    out = _run(build_models(tmp_path / "ws", *SMALL,
+                            f"corpus.sources=[{{kind: files, paths: [{f}], format: tsv, has_header: false, "
+                            "text_columns: ['1']}]",
+                            f"labeled.source={{kind: files, train: {f}, has_header: false}}",
+                            "labeled.text_column='1'", "labeled.label_column=0", preset="sms-spam"))
+    rows = out["labeled"].meta["rows"]
+    assert out["report"]["labels"] == ["ham", "spam"]
+    # The stratified 20% of the 5,160 distinct messages held out; no test message is also a training message.
+    assert rows["test"] == 1033 and out["labeled"].meta["rows"] == rows
+    assert ingest.load_data_report(out["labeled"])["held_out_texts_in_train"] == {"validation": 0, "test": 0}
+    assert out["report"]["model"]["per_class"]["spam"]["support"] == 129
+    assert out["report"]["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9
