@@ -32,6 +32,13 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]
     return [ids or [fallback] for ids in enc["input_ids"]]
 
 
+def no_cache(model: torch.nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` for a model that keeps a key/value cache (decoders such as GPT-2 and Llama, whose
+    configs turn it on for generation): scoring and training whole texts only pay for it in time and memory.
+    Encoders that take no such argument get nothing."""
+    return {"use_cache": False} if getattr(model.config, "use_cache", False) else {}
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in the batch (dynamic padding)."""
     width = max(len(s) for s in seqs)
@@ -60,7 +67,7 @@ def predict_proba(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, ba
     for start in range(0, len(seqs), batch_size):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
-        proba = torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy()
+        proba = torch.softmax(model(**batch, **no_cache(model)).logits.float(), dim=-1).cpu().numpy()
         if out is None:
             out = np.zeros((len(seqs), proba.shape[1]), dtype=np.float32)
         out[idx] = proba

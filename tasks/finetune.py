@@ -31,6 +31,7 @@ from tasks.classifier import (
     is_causal,
     load_classifier,
     load_tokenizer,
+    no_cache,
     pad_batch,
     predict_proba,
 )
@@ -156,7 +157,8 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """Cross-entropy of the model's logits, optionally class-weighted, plus ``lm_weight`` x the next-token loss
     of the input texts while training (``finetune.lm_loss_weight``)."""
     aux = lm_weight > 0 and model.training
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux,
+                **no_cache(model))
     if weight is not None:
         weight = weight.to(out.logits.device)
     loss = F.cross_entropy(out.logits.float(), batch["labels"], weight=weight)

@@ -122,7 +122,7 @@ class BlockBatches:
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"]).logits
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # no key/value cache in training
     return next_token_loss(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1))
 
 
@@ -142,7 +142,7 @@ def lm_eval_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, ba
         idx = range(start, min(start + batch_size, n_blocks))
         x = torch.from_numpy(np.stack([np.asarray(tokens[i * block_size : i * block_size + block_size + 1],
                                                   dtype=np.int64) for i in idx])).to(device)
-        logits = model(input_ids=x[:, :-1]).logits.float()
+        logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
         total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"))
         count += x[:, 1:].numel()
     return total / count, count
