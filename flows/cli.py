@@ -230,6 +230,7 @@ def cmd_run(cfg: PipelineConfig, flow: str = "pipeline", verbose: bool = False, 
     a live display shows the stages as they run."""
     from flows import runtime
 
+    runtime.mark("cli")  # the interpreter, the CLI's imports, the config
     preflight(cfg)  # before anything is written
     exit_on_sigterm()
     on_terminal = terminal()
@@ -237,21 +238,29 @@ def cmd_run(cfg: PipelineConfig, flow: str = "pipeline", verbose: bool = False, 
     # Prefect's console lines go above the display at WARNING and up; log lines sent to a file (2>run.log) stay whole.
     quiet_console = show and _isatty(sys.stderr)
     env = runtime.configure(cfg.workspace, verbose=verbose, live=quiet_console, terminal=on_terminal)
+    backends_ready = runtime.start_backends(cfg.workspace)  # Prefect's API comes up while the imports below run
     from tasks.tracking import check_tracking_server
 
     check_tracking_server()  # an MLflow server that does not answer: a clear error now, not retries for minutes
+    runtime.mark("configure")
     import prefect  # noqa: F401 - Prefect sets up its log handlers on import: before the display takes the terminal
 
     from flows import progress
+
+    runtime.mark("import prefect")
 
     name = {"pipeline": "llm_pipeline"}.get(flow, flow)
     with progress.live(name) if show else contextlib.nullcontext():
         with progress.stage("start up"):  # imports, and Prefect's temporary API: seconds on a small machine
             run_flow = _flow(flow)
-            runtime.prepare_backends(cfg.workspace)
+            runtime.mark("import flows and stages")
+            backends_ready()
         started = time.time()
         result = run_flow(cfg)
+        runtime.mark("flow")
     print_summary(name, time.time() - started, cfg, env, result, args)
+    runtime.mark("summary")
+    runtime.write_marks()
     return 0
 
 

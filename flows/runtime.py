@@ -5,13 +5,14 @@ Must run before ``prefect`` or ``mlflow`` is imported; anything already set in t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from tasks.errors import LlmpipeError
@@ -114,31 +115,83 @@ def find_registry(environ: Mapping[str, str] | None = None, cwd: Path | None = N
     raise NoRegistry(f"MLFLOW_TRACKING_URI is not set and ./mlflow.db does not exist (looked in {cwd.resolve()})")
 
 
-def prepare_backends(workspace: str | Path) -> None:
-    """Create the local MLflow store and start Prefect's local API under a lock.
+_MARKS: list[tuple[str, float]] = []
 
-    Both run database migrations on first use; two ``llmpipe run`` started together on one folder
-    would otherwise race to migrate the same SQLite files.
-    """
+
+def mark(phase: str) -> None:
+    """Note that a phase of ``llmpipe run`` just ended, when ``LLMPIPE_TIMINGS`` names a file to write the
+    phases to (``benchmarks/overhead.py`` reads it)."""
+    if os.environ.get("LLMPIPE_TIMINGS"):
+        _MARKS.append((phase, time.time()))
+
+
+def write_marks() -> None:
+    """Write the phases noted by ``mark`` as JSON ``[[phase, unix time], ...]`` to ``LLMPIPE_TIMINGS``."""
+    path = os.environ.get("LLMPIPE_TIMINGS")
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps(_MARKS))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created if missing) while the block runs."""
     import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def start_backends(workspace: str | Path) -> Callable[[], None]:
+    """Start the local backends of a run, side by side with what the caller does next; returns ``ready()``,
+    which creates the local MLflow store, waits for Prefect's API and raises what starting it raised.
+
+    Prefect's temporary local API (when no API is set) starts in a thread at once: its server process needs
+    seconds to come up, and the run's own imports fill them. Both backends run database migrations on first use,
+    each under a lock file of the workspace, so two ``llmpipe run`` started together on one folder do not race to
+    migrate the same SQLite files.
+    """
+    import threading
 
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
-    with open(ws / "backends.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-            if uri.startswith("sqlite:"):
-                from mlflow import MlflowClient
+    failed: list[BaseException] = []
 
-                MlflowClient(uri).search_experiments(max_results=1)
-            if not (os.environ.get("PREFECT_API_URL") or profile_api_url()):
+    def start_api() -> None:
+        try:
+            with _locked(ws / "prefect-api.lock"):
                 from prefect.client.orchestration import get_client
 
                 get_client(sync_client=True)  # starts the temporary local API for this process
                 guard_temporary_api()
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        except BaseException as exc:  # noqa: BLE001 - handed to ready(), which raises it in the caller's thread
+            failed.append(exc)
+
+    api = None
+    if not (os.environ.get("PREFECT_API_URL") or profile_api_url()):
+        api = threading.Thread(target=start_api, name="llmpipe-prefect-api", daemon=True)
+        api.start()
+
+    def ready() -> None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri.startswith("sqlite:"):
+            with _locked(ws / "mlflow-store.lock"):
+                from mlflow import MlflowClient
+
+                MlflowClient(uri).search_experiments(max_results=1)
+        mark("mlflow store")
+        if api is not None:
+            api.join()
+        mark("prefect api")
+        if failed:
+            raise failed[0]
+
+    return ready
 
 
 def guard_temporary_api() -> None:

@@ -97,16 +97,16 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
                 block_size: int, seed: int = 0) -> ReportRef:
     """Loss, perplexity and bits per byte on the whole validation split beside a unigram baseline, and on
     each of ``cfg.lm_heldout_paths``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks.pretrain import lm_eval_loss
-
     heldout = _heldout_files(cfg)
     settings = cfg.model_dump(include={"samples", "sample_tokens", "batch_size", "lm_heldout_max_tokens"})
     fp = fingerprint(STAGE_VERSION, "lm", lm.fingerprint, tokens.fingerprint, settings,
                      [(str(p), file_sha256(p)) for p in heldout], block_size, seed)
 
     def build(out: Path) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # here: a reused report needs neither
+
+        from tasks.pretrain import lm_eval_loss
+
         model = AutoModelForCausalLM.from_pretrained(str(lm.dir))
         tokenizer = AutoTokenizer.from_pretrained(str(lm.dir))
         val = open_tokens(tokens, "validation", verify=True)
@@ -224,12 +224,12 @@ def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateCo
     (``calibration``: ECE and the reliability bins), the most confident mistakes, the test predictions, and a
     ``comparison`` table; ``confusion_matrix.png`` plots the model's confusion matrix.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     settings = cfg.model_dump(include={"batch_size", "calibration_bins", "confident_mistakes"})
     fp = fingerprint(STAGE_VERSION, "cls", clf.fingerprint, labeled.fingerprint, settings, max_length, seed)
 
     def build(out: Path) -> dict[str, Any]:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # not for a reused report
+
         id2label = load_id2label(labeled)
         labels = [id2label[i] for i in range(len(id2label))]
         train_rows, test_rows = load_split(labeled, "train"), load_split(labeled, "test")

@@ -42,3 +42,33 @@ def test_find_registry_takes_the_store_llmpipe_run_writes(tmp_path: Path) -> Non
     assert runtime.find_registry({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, tmp_path) == "http://127.0.0.1:5000"
     with pytest.raises(runtime.NoRegistry, match="MLFLOW_REGISTRY_URI=sqlite:///elsewhere.db names no existing"):
         runtime.find_registry({"MLFLOW_REGISTRY_URI": "sqlite:///elsewhere.db"}, tmp_path)
+
+
+def test_start_backends_creates_the_mlflow_store_and_hands_a_failed_api_start_to_the_caller(
+        tmp_path: Path, monkeypatch) -> None:
+    """With an API set, no temporary API starts and ready() creates the SQLite store; a failure starting
+    Prefect's API in the background thread is raised by ready(), in the caller's thread."""
+    import sqlite3
+    import threading
+
+    from flows import runtime
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    before = threading.active_count()
+    ready = runtime.start_backends(tmp_path / "ws")
+    assert threading.active_count() == before  # an API is set: nothing to start
+    ready()
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("select count(*) from experiments").fetchone()[0] >= 1
+
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setattr(runtime, "profile_api_url", lambda: None)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no server here")
+
+    monkeypatch.setattr("prefect.client.orchestration.get_client", refuse)
+    ready = runtime.start_backends(tmp_path / "ws")
+    with pytest.raises(RuntimeError, match="no server here"):
+        ready()
