@@ -1,7 +1,6 @@
-"""Benchmark: the tokenize stage against the run_clm.py recipe, and its memory on a 200 MB corpus.
+"""Benchmark: the tokenize stage against the run_clm.py recipe, on real text, with peak memory.
 
-On the same text (Tiny Shakespeare repeated 8 times, one document per paragraph) and with the same
-fast tokenizer (a byte-level BPE that llmpipe trains on Tiny Shakespeare), in this process:
+On the same text and with the same fast tokenizer, in this process:
 
 - ours: ``tasks.tokenize.tokenize_corpus`` (read the corpus artifact's JSONL, encode, write token
   shards, pack them with index and checksums), with 1 and with 2 worker processes;
@@ -9,13 +8,18 @@ fast tokenizer (a byte-level BPE that llmpipe trains on Tiny Shakespeare), in th
   into blocks of 1024, with ``num_proc`` 1 and 2 (``load_dataset`` itself is not timed, as our ingest
   stage is not).
 
-Peak memory is sampled (RSS of this process plus its worker processes) while each one runs. Then a
-corpus of about 200 MB (Tiny Shakespeare repeated, no deduplication) is ingested in one fresh process
-and tokenized with 2 workers in another, each reporting its peak RSS (``ru_maxrss``).
+The text (``--text``): ``imdb`` (default), every review of the Large Movie Review Dataset (train, test and
+unlabeled: 100,000 documents, about 130 MB) with a byte-level BPE trained on the training reviews; or
+``shakespeare``, Tiny Shakespeare repeated ``--repeat`` times (repeated text keeps the tokenizer's word cache hot
+for both sides). Peak memory is sampled (RSS of this process plus its worker processes, an upper bound since
+forked workers share pages) while each one runs. With ``--corpus-mb`` a corpus of that size (Tiny Shakespeare
+repeated, no deduplication) is also ingested in one fresh process and tokenized with 2 workers in another, each
+reporting its peak RSS (``ru_maxrss``).
 
-    python benchmarks/tokenization.py [--repeat 8] [--corpus-mb 200] [--vocab 8192]
+    python benchmarks/tokenization.py [--text imdb|shakespeare] [--repeat 8] [--corpus-mb 0] [--vocab 8192]
 
-Progress goes to stderr; the last line of stdout is one JSON object.
+Progress goes to stderr; the last line of stdout is one JSON object (``speedup`` and ``peak_rss_mb`` are ours
+with 2 workers against the recipe with 2).
 """
 
 from __future__ import annotations
@@ -78,23 +82,34 @@ class PeakRSS:
         self.peak_mb = int(out.split()[-1]) / 2**20
 
 
-def prepare(work: Path, repeat: int, vocab: int):
+def prepare(work: Path, text: str, repeat: int, vocab: int):
+    """(the benchmark text as one file, its tokenizer, its corpus artifact)."""
     from tasks import ingest, tokenize
     from tasks.artifacts import Workspace
     from tasks.config import CorpusConfig, FilesSource, TokenizerConfig
 
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    once, repeated = work / "once.txt", work / f"x{repeat}.txt"
-    once.write_text(text, encoding="utf-8")
-    repeated.write_text("\n\n".join([text.strip()] * repeat) + "\n", encoding="utf-8")
     ws = Workspace(work / "ws")
-    # The tokenizer is trained on Tiny Shakespeare once; the benchmark corpus keeps every repeat.
-    tok = tokenize.train_tokenizer(
-        ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(once)])]), ws),
-        TokenizerConfig(vocab_size=vocab), ws)
-    corpus = ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(repeated)])], dedup=False,
-                                               validation_fraction=0.01), ws)
-    return repeated, tok, corpus
+    if text == "imdb":
+        # One JSONL of every review's text, read alike by both sides; the tokenizer learns the training reviews.
+        path = work / "imdb.jsonl"
+        with open(path, "w", encoding="utf-8") as out:
+            for name in ("train", "test", "unsup"):
+                with open(DATA / "imdb" / f"{name}.jsonl", encoding="utf-8") as f:
+                    for line in f:
+                        out.write(json.dumps({"text": json.loads(line)["text"]}, ensure_ascii=False) + "\n")
+        tok_source = FilesSource(paths=[str(DATA / "imdb" / "train.jsonl")], text_columns=["text"])
+        source = FilesSource(paths=[str(path)], text_columns=["text"])
+    else:
+        body = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+        once, path = work / "once.txt", work / f"x{repeat}.txt"
+        once.write_text(body, encoding="utf-8")
+        path.write_text("\n\n".join([body.strip()] * repeat) + "\n", encoding="utf-8")
+        # The tokenizer is trained on Tiny Shakespeare once; the benchmark corpus keeps every repeat.
+        tok_source, source = FilesSource(paths=[str(once)]), FilesSource(paths=[str(path)])
+    tok = tokenize.train_tokenizer(ingest.ingest_corpus(CorpusConfig(sources=[tok_source]), ws),
+                                   TokenizerConfig(vocab_size=vocab), ws)
+    corpus = ingest.ingest_corpus(CorpusConfig(sources=[source], dedup=False, validation_fraction=0.01), ws)
+    return path, tok, corpus
 
 
 def run_ours(corpus, tok, work: Path, workers: int, shard_mb: float) -> dict:
@@ -117,8 +132,9 @@ def run_baseline(path: Path, tok, work: Path, num_proc: int) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tok.path)
-    raw = datasets.load_dataset("text", data_files={"train": str(path)}, sample_by="paragraph",
-                                cache_dir=str(work / f"hf-{num_proc}"))
+    cache = str(work / f"hf-{num_proc}")
+    raw = (datasets.load_dataset("json", data_files={"train": str(path)}, cache_dir=cache) if path.suffix == ".jsonl"
+           else datasets.load_dataset("text", data_files={"train": str(path)}, sample_by="paragraph", cache_dir=cache))
 
     def tokenize_function(examples):
         return tokenizer(examples["text"])
@@ -204,8 +220,11 @@ def _child(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--text", choices=["imdb", "shakespeare"], default="imdb",
+                        help="the IMDB reviews (default) or Tiny Shakespeare repeated")
     parser.add_argument("--repeat", type=int, default=8, help="copies of Tiny Shakespeare (default 8)")
-    parser.add_argument("--corpus-mb", type=float, default=200, help="size of the memory run's corpus; 0 skips it")
+    parser.add_argument("--corpus-mb", type=float, default=0,
+                        help="size of a further memory run's corpus (Tiny Shakespeare repeated); 0 (default) skips it")
     parser.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size")
     parser.add_argument("--shard-mb", type=float, default=1.0, help="shard size for our stage")
     parser.add_argument("--child-ingest", default=None, help=argparse.SUPPRESS)
@@ -225,8 +244,13 @@ def main() -> None:
     tqdm.tqdm.monitor_interval = 0  # no monitor thread: this process stays single-threaded, so workers can fork
     with tempfile.TemporaryDirectory(prefix="llmpipe-bench-") as tmp:
         work = Path(tmp)
-        say(f"preparing Tiny Shakespeare x{args.repeat} and a {args.vocab}-token BPE ...")
-        path, tok, corpus = prepare(work, args.repeat, args.vocab)
+        name = "IMDB reviews (train, test, unsup)" if args.text == "imdb" else f"Tiny Shakespeare x{args.repeat}"
+        need = DATA / ("imdb" if args.text == "imdb" else "tinyshakespeare")
+        if not need.is_dir():
+            raise SystemExit(f"{need} not found: the benchmark reads its text from the shared data folder "
+                             "(LLMPIPE_SHARED_DATA)")
+        say(f"preparing {name} and a {args.vocab}-token BPE ...")
+        path, tok, corpus = prepare(work, args.text, args.repeat, args.vocab)
         mb = path.stat().st_size / 1e6
         results: dict = {"ours": {}, "baseline": {}}
         for workers in (1, 2):
@@ -248,7 +272,7 @@ def main() -> None:
             r["mb_per_s"] = mb / r["seconds"]
     ours, base = results["ours"], results["baseline"]
     out = {
-        "text": f"Tiny Shakespeare x{args.repeat}", "text_mb": round(mb, 2), "vocab_size": tok.meta["vocab_size"],
+        "text": name, "text_mb": round(mb, 2), "vocab_size": tok.meta["vocab_size"],
         "cpu_count": os.cpu_count(),
         "ours_tokens_per_s": round(ours[2]["tokens_per_s"]),
         "baseline_tokens_per_s": round(base[2]["tokens_per_s"]),
@@ -256,12 +280,14 @@ def main() -> None:
         "ours_mb_per_s": round(ours[2]["mb_per_s"], 2),
         "baseline_mb_per_s": round(base[2]["mb_per_s"], 2),
         "speedup_1_worker": round(ours[1]["tokens_per_s"] / base[1]["tokens_per_s"], 2),
+        "peak_rss_mb": round(ours[2]["peak_rss_mb"], 1),
+        "baseline_peak_rss_mb": round(base[2]["peak_rss_mb"], 1),
         "workers": {side: {str(w): {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
                            for w, r in results[side].items()} for side in results},
-        "memory_200mb": memory and {k: (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()},
+        "memory_run": memory and {k: (round(v, 2) if isinstance(v, float) else v) for k, v in memory.items()},
     }
     if memory:
-        out["tokenize_200mb_peak_rss_mb"] = round(memory["tokenize_peak_rss_mb_total_bound"], 1)
+        out["memory_run_peak_rss_mb"] = round(memory["tokenize_peak_rss_mb_total_bound"], 1)
     print(json.dumps(out))
 
 
