@@ -243,6 +243,15 @@ class LabeledConfig(Section):
     test_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of train split off (stratified) for test when none is given."
     )
+    max_train_examples: int | None = Field(
+        None, ge=2, description="Label budget: at most this many rows of the training split, drawn stratified by "
+        "label with the seed, before validation and test are split off them (when the source gives none, they come "
+        "out of the budget). Unset: every row.",
+    )
+    max_test_examples: int | None = Field(
+        None, ge=2, description="Score on at most this many test rows: a fixed subset drawn stratified by label "
+        "with the seed, the same in every run. Unset: every row.",
+    )
     split_groups: Literal["none", "duplicate_text", "contained_text"] = Field(
         "none", description="How rows split off train for validation/test are drawn. 'none': single rows. "
         "'duplicate_text': rows with the same text (whitespace aside) go together and a held-out text is scored "

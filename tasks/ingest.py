@@ -312,7 +312,9 @@ def fingerprinted(cfg: LabeledConfig) -> dict[str, Any]:
                     hub_test_split=src.test_split)
     elif src.kind == "sample":
         flat.update(sample_train=src.train_rows, sample_eval=src.eval_rows)
-    return {**cfg.model_dump(mode="json", exclude={"source"}), **flat}
+    # The label budget joined later: unset, it leaves the fingerprints of before unchanged.
+    unset = {k for k in ("max_train_examples", "max_test_examples") if getattr(cfg, k) is None}
+    return {**cfg.model_dump(mode="json", exclude={"source", *unset}), **flat}
 
 
 def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] | None) -> tuple[Any, Any]:
@@ -399,10 +401,17 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
             if not splits[split]:
                 raise DataError(f"{origin[split]}: no rows with text")
         given = list(splits)
+        budget = {}
+        if cfg.max_train_examples is not None and len(splits["train"]) > cfg.max_train_examples:
+            budget["train"] = {"rows": cfg.max_train_examples, "of": len(splits["train"])}
+            splits["train"] = stratified_sample(splits["train"], cfg.max_train_examples, seed)
         n_rows = sum(len(v) for v in splits.values())
         splits = _complete_splits(splits, cfg, seed, origin.get("train", "train split"))
         # With split_groups, the other texts of a held-out group leave training (they would leak its answer).
         left_out = n_rows - sum(len(v) for v in splits.values())
+        if cfg.max_test_examples is not None and len(splits["test"]) > cfg.max_test_examples:
+            budget["test"] = {"rows": cfg.max_test_examples, "of": len(splits["test"])}
+            splits["test"] = stratified_sample(splits["test"], cfg.max_test_examples, seed)
         how = _SPLIT_GROUPS[cfg.split_groups][2]
         for split in SPLITS:
             origin.setdefault(split, f"split off {origin.get('train', 'train')} ({how})")
@@ -427,13 +436,25 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
         rows_count = {k: len(v) for k, v in splits.items()}
         write_json(out / DATA_REPORT, {"labels": labels, "class_balance": balance, "rows": rows_count,
                                        "origin": origin, "splits_given": given,
-                                       "held_out_group_rows_left_out": left_out,
+                                       "held_out_group_rows_left_out": left_out, "budget": budget,
                                        "held_out_texts_in_train": _texts_in_train(splits),
                                        "empty_text_dropped": dict(reader.empty)})
         log.info("labeled data: %s", json.dumps(balance))
         return {"id2label": id2label, "class_balance": balance, "rows": rows_count, "splits_given": given}
 
     return workspace.materialize(LabeledRef, fp, build, stage="ingest_labeled", config=cfg)
+
+
+def stratified_sample(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` of ``rows``, drawn with ``seed`` so that each label keeps its share (a plain draw where a label has
+    too few rows to stratify), in their original order."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [r["label"] for r in rows]
+    counts = Counter(labels)
+    stratify = labels if min(counts.values()) >= 2 and n >= len(counts) and len(rows) - n >= len(counts) else None
+    keep, _ = train_test_split(range(len(rows)), train_size=n, random_state=seed, stratify=stratify)
+    return [rows[i] for i in sorted(keep)]
 
 
 def _complete_splits(splits: dict[str, list[dict]], cfg: LabeledConfig, seed: int,

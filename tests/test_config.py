@@ -286,3 +286,8 @@ def test_presets_read_hub_datasets_by_default() -> None:
     assert [s.kind for s in sst2.corpus.sources] == ["hub"] and sst2.corpus.sources[0].split == "train"
     assert sms.labeled.source.kind == "hub" and sms.labeled.test_fraction == 0.2
     assert sms.corpus.sources[0].kind == "hub"
+    imdb = load_config("imdb")
+    # Pretraining reads the unlabeled and the training reviews, never the test reviews.
+    assert [(s.kind, s.split) for s in imdb.corpus.sources] == [("hub", "unsupervised"), ("hub", "train")]
+    assert imdb.labeled.source.test_split == "test" and imdb.labeled.source.validation_split is None
+    assert (imdb.labeled.max_train_examples, imdb.labeled.max_test_examples) == (1000, 5000)

@@ -389,3 +389,38 @@ def test_tiny_labeled_file_is_a_data_error(tmp_path: Path) -> None:
     path = _write_table(tmp_path / "train.csv", _labeled_rows(2, labels=("neg", "pos")))
     with pytest.raises(DataError):
         ingest.ingest_labeled(LabeledConfig(source=LabeledFiles(train=str(path))), Workspace(tmp_path / "ws"))
+
+
+def test_label_budget_draws_a_stratified_seeded_subset_and_is_part_of_the_identity(tmp_path: Path,
+                                                                                   ws: Workspace) -> None:
+    from collections import Counter
+
+    frame = _labeled_frame(300)  # 600 rows, half of each label
+    frame.loc[frame.index[:200], "stars"] = 0  # 400 of label 0, 200 of label 1
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    _labeled_frame(100, start=1000).to_csv(tmp_path / "test.csv", index=False)
+    base = LabeledConfig(source=LabeledFiles(train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv")),
+                         text_column="review", label_column="stars")
+    everything = ingest.ingest_labeled(base, ws)
+    budget = base.model_copy(update={"max_train_examples": 60, "max_test_examples": 50})
+    small = ingest.ingest_labeled(budget, ws)
+    assert small.fingerprint != everything.fingerprint
+    # Unset, the budget leaves the fingerprints of before alone.
+    assert "max_train_examples" not in ingest.fingerprinted(base)
+
+    train, validation = ingest.load_split(small, "train"), ingest.load_split(small, "validation")
+    assert len(train) + len(validation) == 60  # validation comes out of the budget
+    assert Counter(r["label"] for r in train + validation) == {0: 40, 1: 20}  # each label keeps its share
+    test = ingest.load_split(small, "test")
+    assert len(test) == 50 and Counter(r["label"] for r in test) == {0: 25, 1: 25}
+    assert ingest.load_data_report(small)["budget"] == {"train": {"rows": 60, "of": 600},
+                                                         "test": {"rows": 50, "of": 200}}
+    all_train = {r["text"] for r in ingest.load_split(everything, "train") + ingest.load_split(everything,
+                                                                                               "validation")}
+    assert {r["text"] for r in train + validation} <= all_train
+
+    # The same seed draws the same rows; another seed, others.
+    again = ingest.ingest_labeled(budget, Workspace(tmp_path / "ws2"))
+    assert again.fingerprint == small.fingerprint and texts(again, "train") == texts(small, "train")
+    other = ingest.ingest_labeled(budget, Workspace(tmp_path / "ws3"), seed=1)
+    assert texts(other, "train") != texts(small, "train")

@@ -1,5 +1,5 @@
-"""The real-data presets on local copies of their data sets: SST-2 (GLUE files) and the SMS Spam Collection,
-at a smoke-test size."""
+"""The real-data presets on local copies of their data sets: SST-2 (GLUE files), the SMS Spam Collection and
+IMDB's reviews, at a smoke-test size."""
 
 from __future__ import annotations
 
@@ -50,3 +50,30 @@ def test_sms_spam_preset_on_the_local_collection(shared_data: Path, tmp_path: Pa
     assert ingest.load_data_report(out["labeled"])["held_out_texts_in_train"] == {"validation": 0, "test": 0}
     assert out["report"]["model"]["per_class"]["spam"]["support"] == 129
     assert out["report"]["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9
+
+
+def test_imdb_preset_on_the_local_reviews_with_a_label_budget(shared_data: Path, tmp_path: Path) -> None:
+    import json
+
+    d = shared_data / "imdb"
+    # Pretraining text: the first 2,000 unlabeled reviews (the preset reads all 75,000 unlabeled and training ones).
+    corpus = tmp_path / "unsup-2000.jsonl"
+    with open(d / "unsup.jsonl", encoding="utf-8") as f:
+        corpus.write_text("".join(f.readline() for _ in range(2000)), encoding="utf-8")
+    out = _run(build_models(tmp_path / "ws", *SMALL, "finetune.max_length=64", "finetune.eval_every=3",
+                            f"corpus.sources=[{{kind: files, paths: [{corpus}], text_columns: [text]}}]",
+                            f"labeled.source={{kind: files, train: {d / 'train.jsonl'}, test: {d / 'test.jsonl'}}}",
+                            preset="imdb"))
+    rows = out["labeled"].meta["rows"]
+    balance = out["labeled"].meta["class_balance"]
+    assert out["report"]["labels"] == ["negative", "positive"]
+    # The budget: 1,000 of the 25,000 training reviews (100 for validation), a fixed 5,000 of the 25,000 test ones.
+    assert rows == {"train": 900, "validation": 100, "test": 5000}
+    assert balance["test"] == {"negative": 2500, "positive": 2500}
+    assert balance["train"]["negative"] + balance["validation"]["negative"] == 500
+    report = ingest.load_data_report(out["labeled"])
+    assert report["budget"] == {"train": {"rows": 1000, "of": 25000}, "test": {"rows": 5000, "of": 25000}}
+    with open(d / "test.jsonl", encoding="utf-8") as f:
+        test_texts = {json.loads(line)["text"].strip() for line in f}  # as ingestion keeps them
+    assert all(r["text"] in test_texts for r in ingest.load_split(out["labeled"], "test"))
+    assert out["report"]["baselines"]["tfidf_logreg"]["accuracy"] > 0.75
