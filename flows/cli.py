@@ -238,10 +238,10 @@ def cmd_run(cfg: PipelineConfig, flow: str = "pipeline", verbose: bool = False, 
     # Prefect's console lines go above the display at WARNING and up; log lines sent to a file (2>run.log) stay whole.
     quiet_console = show and _isatty(sys.stderr)
     env = runtime.configure(cfg.workspace, verbose=verbose, live=quiet_console, terminal=on_terminal)
-    backends_ready = runtime.start_backends(cfg.workspace)  # Prefect's API comes up while the imports below run
     from tasks.tracking import check_tracking_server
 
-    check_tracking_server()  # an MLflow server that does not answer: a clear error now, not retries for minutes
+    check_tracking_server()  # an MLflow server that does not answer: a clear error now, before anything starts
+    backends_ready = runtime.start_backends(cfg.workspace)  # Prefect's API comes up while the imports below run
     runtime.mark("configure")
     import prefect  # noqa: F401 - Prefect sets up its log handlers on import: before the display takes the terminal
 

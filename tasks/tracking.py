@@ -16,8 +16,10 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import re
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -93,20 +95,25 @@ def tracking_uri() -> str:
 
 def check_tracking_server(timeout_s: float = 5.0) -> None:
     """Fail at once, with a clear error, when the tracking URI is an MLflow server that does not answer; MLflow's
-    own client would retry each call for minutes first. Stores in this process (SQLite, files) are not checked."""
-    import mlflow
-    import requests
+    own client would retry each call for minutes first. Stores in this process (SQLite, files) are not checked.
+    Until MLflow is imported nothing can have set another URI, so ``MLFLOW_TRACKING_URI``, when set, is the one
+    MLflow will use, and the check costs no import of MLflow (the CLI runs it before it starts anything)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") if "mlflow" not in sys.modules else None
+    if uri is None:
+        import mlflow
 
-    uri = mlflow.get_tracking_uri()
+        uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    import requests
+
     try:
         answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
         problem = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
     except requests.RequestException as exc:
         problem = type(exc).__name__
     if problem:
-        raise LlmpipeError(f"the MLflow tracking server {tracking_uri()} does not answer ({problem}); start it, or "
+        raise LlmpipeError(f"the MLflow tracking server {redact(uri)} does not answer ({problem}); start it, or "
                            "set MLFLOW_TRACKING_URI to one that runs")
 
 
