@@ -16,9 +16,11 @@ Tokenizing is three steps, so that a flow can run the middle one as one task per
 Encoding is exactly ``tokenizer.encode(text, add_special_tokens=False)`` with special-token text
 treated as plain text (a document that contains the literal text '<|endoftext|>' does not get a
 false document boundary). For a GPT-2-style byte-level BPE (ByteLevel pre-tokenizer with its split
-pattern, no normaliser, only special added tokens), ASCII documents take a faster path: the same
-split pattern in Python's ``re`` (identical to the tokenizer's on ASCII), and a cache of each piece's
-ids, filled by the tokenizer itself; everything else goes through ``encode_batch_fast``.
+pattern, no normaliser, only special added tokens), documents take a faster path: the same split
+pattern in Python (``re`` on ASCII text; the ``regex`` module's Unicode classes on other text whose
+every character splits there exactly as in the tokenizer's pre-tokenizer, checked when the encoder
+starts: their Unicode tables differ for recently assigned characters), and a cache of each piece's
+ids, filled by the tokenizer itself; documents with other characters go through ``encode_batch_fast``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 from pydantic import BaseModel, ConfigDict
 
 from tasks.artifacts import (
@@ -160,10 +163,35 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # GPT-2's split pattern (the ByteLevel pre-tokenizer's), spelled for ASCII text: on ASCII, \p{L} is
 # [A-Za-z], \p{N} is [0-9] and \s is [ \t\n\r\f\v] in both engines.
 _ASCII_SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
+# The same pattern with Unicode classes, for text beyond ASCII (``re`` has no \p{L} or \p{N}).
+_UNICODE_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+_PROBED = range(0x80, 0x3000)  # Latin, Greek, Cyrillic, ..., punctuation and symbols: where reviews live
+_PROBE_CHUNK = 512
+
+
+def _probe(chars: list[str]) -> str:
+    # each character beside letters, digits, spaces and itself, so every class it could be in shows
+    return "".join(f"a {c}{c} 1{c}b{c} {c}\n" for c in chars)
+
+
+def split_agreed_chars(pre_tokenizer: Any) -> frozenset[str]:
+    """The non-ASCII characters (of ``_PROBED``) that ``_UNICODE_SPLIT`` splits exactly as ``pre_tokenizer``
+    does, probed in every context the pattern distinguishes."""
+    def same(chars: list[str]) -> bool:
+        text = _probe(chars)
+        return _UNICODE_SPLIT.findall(text) == [text[s:e] for _, (s, e) in pre_tokenizer.pre_tokenize_str(text)]
+
+    chars = [chr(c) for c in _PROBED]
+    agreed: set[str] = set()
+    for i in range(0, len(chars), _PROBE_CHUNK):
+        chunk = chars[i : i + _PROBE_CHUNK]
+        agreed.update(chunk if same(chunk) else (c for c in chunk if same([c])))
+    return frozenset(agreed)
 
 
 def supports_fast_path(tokenizer_json: dict[str, Any]) -> bool:
-    """Whether ASCII text can be split with ``_ASCII_SPLIT`` and encoded piece by piece, with identical ids."""
+    """Whether text can be split with ``_ASCII_SPLIT`` / ``_UNICODE_SPLIT`` and encoded piece by piece, with
+    identical ids."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     model = tokenizer_json.get("model") or {}
     return (tokenizer_json.get("normalizer") is None
@@ -184,6 +212,9 @@ class Encoder:
         self.tok.encode_special_tokens = True
         self.eos_id = eos_id
         self.fast = supports_fast_path(json.loads(self.tok.to_str()))
+        # characters of text that takes the split path (ASCII always; others as probed against this tokenizer)
+        self.splittable = (split_agreed_chars(self.tok.pre_tokenizer) | frozenset(map(chr, range(128)))
+                           if self.fast else frozenset())
         self._reset()
 
     def _reset(self) -> None:
@@ -211,10 +242,14 @@ class Encoder:
     def _piece_ids(self, pieces: list[str | None]) -> np.ndarray:
         return np.fromiter(map(self._piece.__getitem__, pieces), dtype=np.int64, count=len(pieces))
 
-    def _encode_ascii(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _splits(self, text: str) -> bool:
+        """Whether ``text`` takes the split path: ASCII, or every other character one the split agrees on."""
+        return text.isascii() or set(text).issubset(self.splittable)
+
+    def _encode_split(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         pieces: list[str | None] = []
         for text in texts:
-            pieces += _ASCII_SPLIT.findall(text)
+            pieces += (_ASCII_SPLIT if text.isascii() else _UNICODE_SPLIT).findall(text)
             pieces.append(None)
         try:
             pids = self._piece_ids(pieces)
@@ -246,16 +281,16 @@ class Encoder:
         """``(ids, lengths)``: the documents' ids, each followed by EOS, and each document's length with its EOS."""
         if not texts:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        ascii_docs = [t.isascii() for t in texts] if self.fast else [False] * len(texts)
-        if all(ascii_docs):
-            return self._encode_ascii(texts)
-        if not any(ascii_docs):
+        split = [self._splits(t) for t in texts] if self.fast else [False] * len(texts)
+        if all(split):
+            return self._encode_split(texts)
+        if not any(split):
             return self._encode_slow(texts)
         # A mixed batch: encode each kind together, then put the documents back in order.
         parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(texts)
         lengths = np.empty(len(texts), dtype=np.int64)
-        for flag, encode in ((True, self._encode_ascii), (False, self._encode_slow)):
-            where = [i for i, a in enumerate(ascii_docs) if a == flag]
+        for flag, encode in ((True, self._encode_split), (False, self._encode_slow)):
+            where = [i for i, a in enumerate(split) if a == flag]
             ids, lens = encode([texts[i] for i in where])
             for i, chunk, n in zip(where, np.split(ids, np.cumsum(lens)[:-1]), lens, strict=True):
                 parts[i], lengths[i] = chunk, n

@@ -45,7 +45,8 @@ def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
     tok_ref = chain.tokenizer
     rng = random.Random(0)
     alphabet = [chr(i) for i in range(128)] + ["'s", "'ll", " ", "  ", "\n", "\r\n", "<|endoftext|>", "<|pad|>",
-                                               "caf\u00e9", "\u65e5\u672c", "\u2028", "\xa0", "\U0001f600"]
+                                               "caf\u00e9", "\u65e5\u672c", "\u2028", "\xa0", "\U0001f600",
+                                               "\x85", "\x96", "\u00b4", "\u2019", "na\u00efve", "\u0558", "\u00bd"]
     docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(5000)]
     enc = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
     assert enc.fast
@@ -65,6 +66,20 @@ def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
     assert len(all_pieces) > 2000 and len(small._piece) < len(all_pieces)  # it did start over
 
 
+def test_text_beyond_ascii_takes_the_split_path_only_where_the_split_agrees_with_the_tokenizer(chain) -> None:
+    """The ``regex`` module's Unicode tables can be newer than the tokenizer's: characters they classify differently
+    (found by probing at start) send their document through the tokenizer itself."""
+    tok_ref = chain.tokenizer
+    enc = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
+    pre = enc.tok.pre_tokenizer
+    for c in map(chr, tokenize._PROBED):
+        probe = tokenize._probe([c])
+        agrees = tokenize._UNICODE_SPLIT.findall(probe) == [probe[a:b] for _, (a, b) in pre.pre_tokenize_str(probe)]
+        assert agrees == (c in enc.splittable), hex(ord(c))
+    assert {"\u00e9", "\x85", "\x96", "\xa0", "\u2019", "\u2028"} <= enc.splittable  # what reviews use
+    assert enc._splits("caf\u00e9 \u2019n\u00e9") and not enc._splits("\u65e5\u672c") and not enc._splits("\U0001f600")
+
+
 def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_data: Path, tmp_path: Path) -> None:
     from tokenizers import Tokenizer, normalizers
 
@@ -72,6 +87,9 @@ def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_da
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     docs = [p for p in text.split("\n\n")[:1500]]
     docs += (shared_data / "wikitext2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:1500]
+    with open(shared_data / "imdb" / "unsup.jsonl", encoding="utf-8") as f:  # reviews in French, with dashes, ...
+        docs += list(itertools.islice((d for d in map(lambda line: json.loads(line)["text"], f) if not d.isascii()),
+                                      1500))
     eos = tok_ref.meta["eos_id"]
     expected = _reference_ids(tok_ref.dir / "tokenizer.json", docs, eos)
     assert np.array_equal(tokenize.Encoder(tok_ref.dir / "tokenizer.json", eos).encode(docs)[0], expected)
