@@ -115,8 +115,25 @@ def is_head(name: str, base_prefix: str) -> bool:
     return not name.startswith(f"{base_prefix}.") or ".pooler." in name
 
 
-def load_classifier(source: str | Path, id2label: dict[int, str], pad_id: int, max_length: int):
-    """A sequence classifier with a fresh head of ``len(id2label)`` classes on top of ``source``'s weights.
+# Where each family keeps its dropout probabilities (GPT-2; Llama and kin; BERT and kin).
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def dropout_overrides(source: str | Path, dropout: float | None) -> dict[str, float]:
+    """Config overrides that set every dropout probability ``source``'s architecture has to ``dropout``."""
+    if dropout is None:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(source))
+    return {k: dropout for k in DROPOUT_KEYS if hasattr(config, k)}
+
+
+def load_classifier(source: str | Path, id2label: dict[int, str], pad_id: int, max_length: int,
+                    dropout: float | None = None):
+    """A sequence classifier with a fresh head of ``len(id2label)`` classes on top of ``source``'s weights
+    (``dropout``, when set, replaces the checkpoint's dropout probabilities).
 
     Only the classification head may be missing from ``source`` or differ in shape (it is initialised afresh);
     any other missing or mismatched weight is a ``ConfigError`` that lists them, since training would start from
@@ -127,6 +144,7 @@ def load_classifier(source: str | Path, id2label: dict[int, str], pad_id: int, m
     model, info = AutoModelForSequenceClassification.from_pretrained(
         str(source), num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
         pad_token_id=pad_id, ignore_mismatched_sizes=True, output_loading_info=True,
+        **dropout_overrides(source, dropout),
     )
     prefix = model.base_model_prefix
     missing = sorted(k for k in info.get("missing_keys", ()) if not is_head(k, prefix))

@@ -459,6 +459,10 @@ class FinetuneConfig(TrainConfig):
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many validation passes without a better macro-F1 (null: never).",
     )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Dropout while fine-tuning, on the model's embeddings, attention and hidden "
+        "states (null: the checkpoint's own, as it was pretrained).",
+    )
     restore_best: bool = Field(
         True, description="Keep the weights of the validation pass with the best macro-F1, not the last step's.",
     )

@@ -232,6 +232,8 @@ def finetune_fingerprint(lm: CheckpointRef | None, labeled: LabeledRef, cfg: Fin
     execution_only = set(EXECUTION_ONLY)
     if not (cfg.restore_best or cfg.early_stopping_patience):
         execution_only.add("eval_every")  # validation then only watches; otherwise it picks the weights
+    if cfg.dropout is None:
+        execution_only.add("dropout")  # unset, it leaves the fingerprints of fine-tunes made before it existed
     base = checkpoints.identity(cfg.init_from, "finetune.init_from") if cfg.init_from else lm.fingerprint if lm else None
     global_batch = cfg.batch_size * cfg.accum_steps
     return fingerprint(STAGE_VERSION, base, labeled.fingerprint, cfg.model_dump(exclude=execution_only), global_batch,
@@ -275,7 +277,7 @@ def finetune(
         weights = class_weights(train_labels, len(id2label)) if cfg.class_weights == "balanced" else None
         try:
             tokenizer = load_tokenizer(source, cfg)
-            model = load_classifier(source, id2label, tokenizer.pad_token_id, cfg.max_length)
+            model = load_classifier(source, id2label, tokenizer.pad_token_id, cfg.max_length, cfg.dropout)
         except OSError as exc:
             if cfg.init_from:
                 raise ConfigError(f"finetune.init_from={cfg.init_from}: cannot load it ({exc})") from None

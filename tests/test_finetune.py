@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tasks import classifier, evaluate, faults, finetune, ingest, metrics
-from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
+from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, fingerprint
 from tasks.config import FinetuneConfig, LabeledConfig, LabeledFiles, PipelineConfig
 from tasks.errors import ConfigError, DataError
 from tasks.resume import list_checkpoints
@@ -181,6 +181,25 @@ def test_finetune_adds_the_next_token_loss_to_what_it_trains_on(setup: Setup) ->
     # (two labels start near ln 2; the tiny LM's next-token loss over its 400 tokens is about 5).
     first = [json.loads((c.dir / "training.json").read_text())["history"][0]["loss"] for c in (plain, aux)]
     assert first[0] < 1.0 and first[1] - first[0] > 3.0
+
+
+def test_fine_tuning_dropout_replaces_the_checkpoints_own(setup: Setup) -> None:
+    from transformers import AutoConfig
+
+    from tasks.classifier import load_classifier
+
+    assert AutoConfig.from_pretrained(str(setup.lm.dir)).resid_pdrop == setup.cfg.model.dropout == 0.0
+    model = load_classifier(setup.lm.dir, {0: "negative", 1: "positive"}, 0, 32, dropout=0.25)
+    assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0.25, 0.25, 0.25)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+    # unset, it keeps the checkpoint's and the fingerprint of a fine-tune made before the setting existed
+    assert finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup), 0) == fingerprint(
+        finetune.STAGE_VERSION, setup.lm.fingerprint, setup.labeled.fingerprint,
+        _ft(setup).model_dump(exclude={*finetune.EXECUTION_ONLY, "dropout"}), setup.cfg.finetune.batch_size, 0)
+    assert finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup, dropout=0.1), 0) \
+        != finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup), 0)
+    trained = finetune.finetune(setup.lm, setup.labeled, _ft(setup, max_steps=4, dropout=0.1), setup.ws, 0)
+    assert json.loads((trained.dir / "config.json").read_text())["resid_pdrop"] == 0.1
 
 
 def test_class_weights_reach_training_on_an_imbalanced_set(setup: Setup, tmp_path: Path) -> None:
