@@ -16,11 +16,7 @@ Tokenizing is three steps, so that a flow can run the middle one as one task per
 Encoding is exactly ``tokenizer.encode(text, add_special_tokens=False)`` with special-token text
 treated as plain text (a document that contains the literal text '<|endoftext|>' does not get a
 false document boundary). For a GPT-2-style byte-level BPE (ByteLevel pre-tokenizer with its split
-pattern, no normaliser, only special added tokens), documents take a faster path: the same split
-pattern in Python (``re`` on ASCII text; the ``regex`` module's Unicode classes on other text whose
-every character splits there exactly as in the tokenizer's pre-tokenizer, checked when the encoder
-starts: their Unicode tables differ for recently assigned characters), and a cache of each piece's
-ids, filled by the tokenizer itself; documents with other characters go through ``encode_batch_fast``.
+pattern, no normaliser, only special added tokens), documents take a faster path (``tasks.encoding``).
 """
 
 from __future__ import annotations
@@ -29,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -38,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import regex
 from pydantic import BaseModel, ConfigDict
 
 from tasks.artifacts import (
@@ -51,6 +45,7 @@ from tasks.artifacts import (
     write_json,
 )
 from tasks.config import TokenizerConfig
+from tasks.encoding import encoder_for
 from tasks.errors import ConfigError, DataError
 
 log = logging.getLogger("llmpipe")
@@ -156,166 +151,6 @@ def _save_pretrained(tok: Any, cfg: TokenizerConfig, out: Path) -> dict[str, Any
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-# ---------------------------------------------------------------------------------------------- encoding
-
-# GPT-2's split pattern (the ByteLevel pre-tokenizer's), spelled for ASCII text: on ASCII, \p{L} is
-# [A-Za-z], \p{N} is [0-9] and \s is [ \t\n\r\f\v] in both engines.
-_ASCII_SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
-# The same pattern with Unicode classes, for text beyond ASCII (``re`` has no \p{L} or \p{N}).
-_UNICODE_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-_PROBED = range(0x80, 0x3000)  # Latin, Greek, Cyrillic, ..., punctuation and symbols: where reviews live
-_PROBE_CHUNK = 512
-
-
-def _probe(chars: list[str]) -> str:
-    # each character beside letters, digits, spaces and itself, so every class it could be in shows
-    return "".join(f"a {c}{c} 1{c}b{c} {c}\n" for c in chars)
-
-
-def split_agreed_chars(pre_tokenizer: Any) -> frozenset[str]:
-    """The non-ASCII characters (of ``_PROBED``) that ``_UNICODE_SPLIT`` splits exactly as ``pre_tokenizer``
-    does, probed in every context the pattern distinguishes."""
-    def same(chars: list[str]) -> bool:
-        text = _probe(chars)
-        return _UNICODE_SPLIT.findall(text) == [text[s:e] for _, (s, e) in pre_tokenizer.pre_tokenize_str(text)]
-
-    chars = [chr(c) for c in _PROBED]
-    agreed: set[str] = set()
-    for i in range(0, len(chars), _PROBE_CHUNK):
-        chunk = chars[i : i + _PROBE_CHUNK]
-        agreed.update(chunk if same(chunk) else (c for c in chunk if same([c])))
-    return frozenset(agreed)
-
-
-def supports_fast_path(tokenizer_json: dict[str, Any]) -> bool:
-    """Whether text can be split with ``_ASCII_SPLIT`` / ``_UNICODE_SPLIT`` and encoded piece by piece, with
-    identical ids."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    model = tokenizer_json.get("model") or {}
-    return (tokenizer_json.get("normalizer") is None
-            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
-            and model.get("type") == "BPE" and not model.get("dropout")
-            and all(t.get("special") for t in tokenizer_json.get("added_tokens", [])))
-
-
-class Encoder:
-    """Encodes documents exactly as the tokenizer does (special-token text as plain text), EOS after each."""
-
-    cache_limit = 1_000_000  # pieces kept; the cache starts over beyond this, bounding its memory
-
-    def __init__(self, tokenizer_file: str | Path, eos_id: int):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(tokenizer_file))
-        self.tok.encode_special_tokens = True
-        self.eos_id = eos_id
-        self.fast = supports_fast_path(json.loads(self.tok.to_str()))
-        # characters of text that takes the split path (ASCII always; others as probed against this tokenizer)
-        self.splittable = (split_agreed_chars(self.tok.pre_tokenizer) | frozenset(map(chr, range(128)))
-                           if self.fast else frozenset())
-        self._reset()
-
-    def _reset(self) -> None:
-        # Piece 0 is the end-of-document marker (None), standing for [eos]. Piece i's ids are
-        # _ids[_starts[i] : _starts[i] + _lens[i]].
-        self._piece: dict[str | None, int] = {None: 0}
-        self._starts = np.zeros(1024, dtype=np.int64)
-        self._lens = np.zeros(1024, dtype=np.int64)
-        self._ids = np.zeros(4096, dtype=np.int64)
-        self._lens[0], self._ids[0], self._n_ids = 1, self.eos_id, 1
-
-    def _learn(self, pieces: list[str]) -> None:
-        encodings = self.tok.encode_batch_fast(pieces, add_special_tokens=False)
-        lens = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        first, n_new = len(self._piece), int(lens.sum())
-        self._starts = _grow(self._starts, first + len(pieces))
-        self._lens = _grow(self._lens, first + len(pieces))
-        self._ids = _grow(self._ids, self._n_ids + n_new)
-        self._lens[first : first + len(pieces)] = lens
-        self._starts[first : first + len(pieces)] = self._n_ids + np.cumsum(lens) - lens
-        self._ids[self._n_ids : self._n_ids + n_new] = [i for e in encodings for i in e.ids]
-        self._n_ids += n_new
-        self._piece.update(zip(pieces, range(first, first + len(pieces)), strict=True))
-
-    def _piece_ids(self, pieces: list[str | None]) -> np.ndarray:
-        return np.fromiter(map(self._piece.__getitem__, pieces), dtype=np.int64, count=len(pieces))
-
-    def _splits(self, text: str) -> bool:
-        """Whether ``text`` takes the split path: ASCII, or every other character one the split agrees on."""
-        return text.isascii() or set(text).issubset(self.splittable)
-
-    def _encode_split(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        pieces: list[str | None] = []
-        for text in texts:
-            pieces += (_ASCII_SPLIT if text.isascii() else _UNICODE_SPLIT).findall(text)
-            pieces.append(None)
-        try:
-            pids = self._piece_ids(pieces)
-        except KeyError:  # pieces not seen yet: learn them all, then look up again
-            new = set(pieces).difference(self._piece)
-            if len(self._piece) + len(new) > self.cache_limit:  # start over, with this batch's pieces
-                self._reset()
-                new = set(pieces).difference(self._piece)
-            self._learn(list(new))
-            pids = self._piece_ids(pieces)
-        lens = self._lens[pids]
-        ends = np.cumsum(lens)
-        ids = self._ids[np.arange(int(ends[-1])) + np.repeat(self._starts[pids] - (ends - lens), lens)]
-        doc_ends = ends[pids == 0]
-        return ids, np.diff(doc_ends, prepend=0)
-
-    def _encode_slow(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False)
-        lens = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-        ids = np.empty(int(lens.sum()), dtype=np.int64)
-        pos = 0
-        for e, n in zip(encodings, lens, strict=True):
-            ids[pos : pos + n - 1] = e.ids
-            ids[pos + n - 1] = self.eos_id
-            pos += n
-        return ids, lens
-
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, lengths)``: the documents' ids, each followed by EOS, and each document's length with its EOS."""
-        if not texts:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-        split = [self._splits(t) for t in texts] if self.fast else [False] * len(texts)
-        if all(split):
-            return self._encode_split(texts)
-        if not any(split):
-            return self._encode_slow(texts)
-        # A mixed batch: encode each kind together, then put the documents back in order.
-        parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(texts)
-        lengths = np.empty(len(texts), dtype=np.int64)
-        for flag, encode in ((True, self._encode_split), (False, self._encode_slow)):
-            where = [i for i, a in enumerate(split) if a == flag]
-            ids, lens = encode([texts[i] for i in where])
-            for i, chunk, n in zip(where, np.split(ids, np.cumsum(lens)[:-1]), lens, strict=True):
-                parts[i], lengths[i] = chunk, n
-        return np.concatenate(parts), lengths
-
-
-def _grow(a: np.ndarray, size: int) -> np.ndarray:
-    if size <= len(a):
-        return a
-    out = np.zeros(max(size, 2 * len(a)), dtype=a.dtype)
-    out[: len(a)] = a
-    return out
-
-
-_local = threading.local()
-
-
-def _encoder(tokenizer_file: str, eos_id: int) -> Encoder:
-    """One encoder per thread and tokenizer, kept for the next shard (its piece cache stays warm)."""
-    cache = _local.__dict__.setdefault("encoders", {})
-    key = (tokenizer_file, eos_id)
-    if key not in cache:
-        cache.clear()
-        cache[key] = Encoder(tokenizer_file, eos_id)
-    return cache[key]
 
 
 # ---------------------------------------------------------------------------------------------- plan, shards, pack
@@ -473,7 +308,7 @@ def encode_shard(spec: ShardSpec) -> ShardResult:
 
 def _write_shard(spec: ShardSpec, work: Path, out: Path, sidecar: Path) -> ShardResult:
     work.mkdir(parents=True, exist_ok=True)
-    encoder = _encoder(spec.tokenizer_file, spec.eos_id)
+    encoder = encoder_for(spec.tokenizer_file, spec.eos_id)
     dtype = np.dtype(spec.dtype)
     tag = uuid.uuid4().hex[:8]
     tmp, tmp_docs = work / f".{spec.name}.bin.tmp-{tag}", work / f".{spec.name}.docs.tmp-{tag}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import ingest, tokenize
+from tasks import encoding, ingest, tokenize
 from tasks.artifacts import TokensRef, Workspace
 from tasks.config import CorpusConfig, FilesSource, TokenizerConfig, load_config
 from tasks.errors import ConfigError, DataError
@@ -48,7 +48,7 @@ def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
                                                "caf\u00e9", "\u65e5\u672c", "\u2028", "\xa0", "\U0001f600",
                                                "\x85", "\x96", "\u00b4", "\u2019", "na\u00efve", "\u0558", "\u00bd"]
     docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(5000)]
-    enc = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
+    enc = encoding.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
     assert enc.fast
     for batch in (docs[:1], docs[:700], docs):  # all-ASCII, mixed and repeated batches (a warm piece cache)
         ids, lengths = enc.encode(batch)
@@ -56,13 +56,13 @@ def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
         assert np.array_equal(ids, expected)
         assert lengths.sum() == len(ids) and len(lengths) == len(batch)
     # A full piece cache starts over without changing the result.
-    small = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
+    small = encoding.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
     small.cache_limit = 2000
     for start in range(0, len(docs), 500):
         batch = docs[start : start + 500]
         assert np.array_equal(small.encode(batch)[0],
                               _reference_ids(tok_ref.dir / "tokenizer.json", batch, tok_ref.meta["eos_id"]))
-    all_pieces = {p for d in docs if d.isascii() for p in tokenize._ASCII_SPLIT.findall(d)}
+    all_pieces = {p for d in docs if d.isascii() for p in encoding._ASCII_SPLIT.findall(d)}
     assert len(all_pieces) > 2000 and len(small._piece) < len(all_pieces)  # it did start over
 
 
@@ -70,11 +70,11 @@ def test_text_beyond_ascii_takes_the_split_path_only_where_the_split_agrees_with
     """The ``regex`` module's Unicode tables can be newer than the tokenizer's: characters they classify differently
     (found by probing at start) send their document through the tokenizer itself."""
     tok_ref = chain.tokenizer
-    enc = tokenize.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
+    enc = encoding.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
     pre = enc.tok.pre_tokenizer
-    for c in map(chr, tokenize._PROBED):
-        probe = tokenize._probe([c])
-        agrees = tokenize._UNICODE_SPLIT.findall(probe) == [probe[a:b] for _, (a, b) in pre.pre_tokenize_str(probe)]
+    for c in map(chr, encoding._PROBED):
+        probe = encoding._probe([c])
+        agrees = encoding._UNICODE_SPLIT.findall(probe) == [probe[a:b] for _, (a, b) in pre.pre_tokenize_str(probe)]
         assert agrees == (c in enc.splittable), hex(ord(c))
     assert {"\u00e9", "\x85", "\x96", "\xa0", "\u2019", "\u2028"} <= enc.splittable  # what reviews use
     assert enc._splits("caf\u00e9 \u2019n\u00e9") and not enc._splits("\u65e5\u672c") and not enc._splits("\U0001f600")
@@ -92,12 +92,12 @@ def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_da
                                       1500))
     eos = tok_ref.meta["eos_id"]
     expected = _reference_ids(tok_ref.dir / "tokenizer.json", docs, eos)
-    assert np.array_equal(tokenize.Encoder(tok_ref.dir / "tokenizer.json", eos).encode(docs)[0], expected)
+    assert np.array_equal(encoding.Encoder(tok_ref.dir / "tokenizer.json", eos).encode(docs)[0], expected)
     # A tokenizer with a normaliser cannot take the fast path; the result is still the tokenizer's.
     tok = Tokenizer.from_file(str(tok_ref.dir / "tokenizer.json"))
     tok.normalizer = normalizers.Lowercase()
     tok.save(str(tmp_path / "lower.json"))
-    slow = tokenize.Encoder(tmp_path / "lower.json", eos)
+    slow = encoding.Encoder(tmp_path / "lower.json", eos)
     assert not slow.fast
     assert np.array_equal(slow.encode(docs)[0], _reference_ids(tmp_path / "lower.json", docs, eos))
 
