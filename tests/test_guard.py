@@ -15,13 +15,23 @@ LEAKY = textwrap.dedent('''
     import torch._inductor.config as inductor_config
 
 
-    def test_patches_the_compiler_by_hand(monkeypatch):
-        monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-g++",))
-
-
     def test_patches_through_the_config_module():
         with inductor_config.patch({"cpp.cxx": ("no-such-g++",)}):
             pass
+
+
+    def test_sets_the_compiler_by_hand():
+        inductor_config.cpp.cxx = ("no-such-g++",)
+
+
+    def test_deletes_the_setting_as_a_monkeypatch_undo_can():
+        # pytest >= 9.2's monkeypatch undoes a setattr on torch's config proxy with this delattr (pytest #10644):
+        # the setting is then hidden from every later test in the process
+        delattr(inductor_config.cpp, "cxx")
+
+
+    def test_reads_the_setting():
+        assert inductor_config.cpp.cxx
 ''')
 
 
@@ -34,12 +44,13 @@ def run_guarded(folder: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_guard_names_a_test_that_leaves_compiler_config_changed(tmp_path: Path):
     (tmp_path / "test_leaky.py").write_text(LEAKY)
-    result = run_guarded(tmp_path)
+    result = run_guarded(tmp_path, "-rA")
     out = result.stdout
     assert result.returncode == 1, out
-    assert ("test_leaky.py::test_patches_the_compiler_by_hand left process-wide state changed: "
-            "torch._inductor.config: cpp.cxx") in out
-    # the harm it prevents: the next test on the same process can no longer read the setting
+    for name in ("test_sets_the_compiler_by_hand", "test_deletes_the_setting_as_a_monkeypatch_undo_can"):
+        assert f"test_leaky.py::{name} left process-wide state changed: torch._inductor.config: cpp.cxx" in out
+    assert "PASSED test_leaky.py::test_patches_through_the_config_module" in out  # patch() gives it back
+    # the harm it prevents: a later test in the same process can no longer read the setting
     assert "torch._inductor.config.cpp.cxx does not exist" in out
 
 
