@@ -32,7 +32,6 @@ from tasks.artifacts import (
 )
 from tasks.config import PipelineConfig
 from tasks.redact import redact_exception
-from tasks.training import set_threads
 
 
 def _shown(name: str, fn: Callable) -> Callable:
@@ -133,42 +132,38 @@ def tokenize_corpus(cfg: PipelineConfig, corpus: CorpusRef, tokenizer: Tokenizer
 
 @_task("pretrain", tags=["training"])
 def pretrain_lm(cfg: PipelineConfig, tokens: TokensRef, tokenizer: TokenizerRef) -> CheckpointRef:
-    set_threads(cfg.runtime.threads)
     ref = pretrain.pretrain(tokens, tokenizer, cfg.model, cfg.pretrain, _workspace(cfg), cfg.seed,
-                            on_progress=training_progress("pretraining", "pretrain"))
+                            on_progress=training_progress("pretraining", "pretrain"), threads=cfg.runtime.threads)
     reports.pretrain_report(ref)
     return ref
 
 
 @_task("evaluate-lm")
 def evaluate_lm(cfg: PipelineConfig, lm: CheckpointRef, tokens: TokensRef) -> ReportRef:
-    set_threads(cfg.runtime.threads)
-    ref = evaluate.evaluate_lm(lm, tokens, cfg.evaluate, _workspace(cfg), cfg.pretrain.block_size, cfg.seed)
+    ref = evaluate.evaluate_lm(lm, tokens, cfg.evaluate, _workspace(cfg), cfg.pretrain.block_size, cfg.seed,
+                               threads=cfg.runtime.threads)
     reports.lm_report(ref)
     return ref
 
 
 @_task("finetune", tags=["training"])
 def finetune_classifier(cfg: PipelineConfig, lm: CheckpointRef, labeled: LabeledRef) -> CheckpointRef:
-    set_threads(cfg.runtime.threads)
     ref = finetune.finetune(lm, labeled, cfg.finetune, _workspace(cfg), cfg.seed,
-                            on_progress=training_progress("fine-tuning", "finetune"))
+                            on_progress=training_progress("fine-tuning", "finetune"), threads=cfg.runtime.threads)
     reports.finetune_report(ref)
     return ref
 
 
 @_task("evaluate-classifier")
 def evaluate_classifier(cfg: PipelineConfig, classifier: CheckpointRef, labeled: LabeledRef) -> ReportRef:
-    set_threads(cfg.runtime.threads)
     ref = evaluate.evaluate_classifier(classifier, labeled, cfg.evaluate, _workspace(cfg),
-                                       cfg.finetune.max_length, cfg.seed)
+                                       cfg.finetune.max_length, cfg.seed, threads=cfg.runtime.threads)
     reports.classifier_report(ref)
     return ref
 
 
 @_task("register-lm", retries=3)
 def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None) -> registry.ModelVersionRef:
-    set_threads(cfg.runtime.threads)
     with mlflow_stage_run(cfg, "register-lm") as run:
         ref = registry.register_lm(cfg, lm, lm_report, lineage(), run)
     reports.model_version_link(cfg.registry, ref, "mlflow-lm-version")
@@ -179,7 +174,6 @@ def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | N
 def register_classifier(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | None,
                         classifier: CheckpointRef, cls_report: ReportRef,
                         labeled: LabeledRef | None = None) -> registry.ModelVersionRef:
-    set_threads(cfg.runtime.threads)
     with mlflow_stage_run(cfg, "register") as run:
         ref = registry.register_classifier(cfg, lm, lm_report, classifier, cls_report, labeled, lineage(), run)
     reports.model_version_link(cfg.registry, ref, "mlflow-model-version")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tasks.config import FinetuneConfig
 from tasks.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a model runs: a reused stage needs none of it
+    import torch
 
 log = logging.getLogger("llmpipe")
 
@@ -41,6 +43,8 @@ def no_cache(model: torch.nn.Module) -> dict[str, bool]:
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in the batch (dynamic padding)."""
+    import torch
+
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -57,20 +61,22 @@ def is_causal(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
     """Class probabilities for each sequence; batches sorted by length to pad little."""
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort([len(s) for s in seqs], kind="stable")
     out: np.ndarray | None = None
-    for start in range(0, len(seqs), batch_size):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
-        proba = torch.softmax(model(**batch, **no_cache(model)).logits.float(), dim=-1).cpu().numpy()
-        if out is None:
-            out = np.zeros((len(seqs), proba.shape[1]), dtype=np.float32)
-        out[idx] = proba
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in idx], pad_id).items()}
+            proba = torch.softmax(model(**batch, **no_cache(model)).logits.float(), dim=-1).cpu().numpy()
+            if out is None:
+                out = np.zeros((len(seqs), proba.shape[1]), dtype=np.float32)
+            out[idx] = proba
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 

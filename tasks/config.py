@@ -331,6 +331,14 @@ class ModelConfig(Section):
         return self
 
 
+# Settings of a training stage that change how training is observed, resumed or split into micro-batches, not the
+# weights it produces: the stage's fingerprint leaves them out. The global batch (micro-batch x accumulation) stays
+# in, so a run that halves its micro-batch after running out of memory resumes its own checkpoints and finishes the
+# same artifact.
+TRAIN_EXECUTION_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops",
+                        "fast_kernels", "batch_size", "grad_accum_steps"}
+
+
 class TrainConfig(Section):
     """Settings shared by pretraining and fine-tuning loops."""
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from tasks.artifacts import (
     CheckpointRef,
@@ -94,19 +93,22 @@ def score_text_file(model, tokenizer, path: Path, block_size: int, batch_size: i
 
 
 def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, workspace: Workspace,
-                block_size: int, seed: int = 0) -> ReportRef:
+                block_size: int, seed: int = 0, threads: int | None = None) -> ReportRef:
     """Loss, perplexity and bits per byte on the whole validation split beside a unigram baseline, and on
-    each of ``cfg.lm_heldout_paths``."""
+    each of ``cfg.lm_heldout_paths``. ``threads``: torch's intra-op threads while scoring (0: one per core)."""
     heldout = _heldout_files(cfg)
     settings = cfg.model_dump(include={"samples", "sample_tokens", "batch_size", "lm_heldout_max_tokens"})
     fp = fingerprint(STAGE_VERSION, "lm", lm.fingerprint, tokens.fingerprint, settings,
                      [(str(p), file_sha256(p)) for p in heldout], block_size, seed)
 
     def build(out: Path) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # here: a reused report needs neither
+        import torch  # here, as transformers: a reused report needs neither
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from tasks.pretrain import lm_eval_loss
+        from tasks.training import set_threads
 
+        set_threads(threads)
         model = AutoModelForCausalLM.from_pretrained(str(lm.dir))
         tokenizer = AutoTokenizer.from_pretrained(str(lm.dir))
         val = open_tokens(tokens, "validation", verify=True)
@@ -216,7 +218,7 @@ def comparison_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateConfig, workspace: Workspace,
-                        max_length: int, seed: int = 0) -> ReportRef:
+                        max_length: int, seed: int = 0, threads: int | None = None) -> ReportRef:
     """Score the fine-tuned classifier on the test split beside baselines fit on the train split.
 
     The report (``report.json``) holds, for the model and for each baseline, accuracy, macro-F1, per-class
@@ -230,6 +232,9 @@ def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateCo
     def build(out: Path) -> dict[str, Any]:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # not for a reused report
 
+        from tasks.training import set_threads
+
+        set_threads(threads)
         id2label = load_id2label(labeled)
         labels = [id2label[i] for i in range(len(id2label))]
         train_rows, test_rows = load_split(labeled, "train"), load_split(labeled, "test")

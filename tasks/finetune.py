@@ -16,11 +16,9 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, fingerprint, write_json
@@ -35,20 +33,14 @@ from tasks.classifier import (
     pad_batch,
     predict_proba,
 )
-from tasks.config import FinetuneConfig
+from tasks.config import TRAIN_EXECUTION_ONLY, FinetuneConfig
 from tasks.curves import plot_curve
 from tasks.errors import ConfigError, DataError
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import classification_metrics
-from tasks.resume import list_checkpoints
-from tasks.training import (
-    EXECUTION_ONLY,
-    ShuffledIndices,
-    epoch_permutation,
-    seed_everything,
-    train,
-    train_halving_on_oom,
-)
+
+if TYPE_CHECKING:  # torch, and the modules that import it, only where a model is trained (not on reuse)
+    import torch
 
 log = logging.getLogger("llmpipe")
 
@@ -82,6 +74,8 @@ class LengthGroupedIndices:
         self._batches = self._plan(0)
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
+        from tasks.training import epoch_permutation
+
         n, size = len(self.lengths), self.global_size
         # Whole global batches: the last is completed with the epoch's first texts (cyclically, if the set is
         # smaller than one global batch).
@@ -126,11 +120,15 @@ class ClassificationBatches:
 
     def __init__(self, seqs: list[list[int]], labels: list[int], batch_size: int, pad_id: int, seed: int,
                  group: int | None = None, accum: int = 1):
+        from tasks.training import ShuffledIndices
+
         self.seqs, self.labels, self.pad_id = seqs, labels, pad_id
         self.order = (LengthGroupedIndices([len(s) for s in seqs], batch_size, seed, group, accum) if group
                       else ShuffledIndices(len(seqs), batch_size, seed))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        import torch
+
         idx = self.order.next_indices()
         batch = pad_batch([self.seqs[i] for i in idx], self.pad_id)
         batch["labels"] = torch.tensor([self.labels[i] for i in idx], dtype=torch.long)
@@ -156,6 +154,8 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                         weight: torch.Tensor | None = None, lm_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the model's logits, optionally class-weighted, plus ``lm_weight`` x the next-token loss
     of the input texts while training (``finetune.lm_loss_weight``)."""
+    import torch.nn.functional as F
+
     aux = lm_weight > 0 and model.training
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=aux,
                 **no_cache(model))
@@ -170,6 +170,8 @@ def classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 def auxiliary_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy of the (right-padded) input texts from a causal classifier's last hidden states,
     through the input embeddings as the output layer (the LM's head is tied to them)."""
+    import torch.nn.functional as F
+
     logits = hidden[:, :-1] @ model.get_input_embeddings().weight.T
     targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
@@ -229,7 +231,7 @@ def patience_exhausted(evals: list[dict[str, float]], patience: int) -> bool:
 
 
 def finetune_fingerprint(lm: CheckpointRef | None, labeled: LabeledRef, cfg: FinetuneConfig, seed: int) -> str:
-    execution_only = set(EXECUTION_ONLY)
+    execution_only = set(TRAIN_EXECUTION_ONLY)
     if not (cfg.restore_best or cfg.early_stopping_patience):
         execution_only.add("eval_every")  # validation then only watches; otherwise it picks the weights
     if cfg.dropout is None:
@@ -247,11 +249,13 @@ def finetune(
     workspace: Workspace,
     seed: int = 0,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    threads: int | None = None,
 ) -> CheckpointRef:
     """Fine-tune a sequence classifier from the pipeline's LM ``lm`` (or ``cfg.init_from``) on ``labeled``.
 
     The artifact is a ``save_pretrained`` classifier (LoRA merged in) with its tokenizer, ``training.json``,
-    ``training_curve.png`` and, for LoRA, the adapter and head under ``adapter/``.
+    ``training_curve.png`` and, for LoRA, the adapter and head under ``adapter/``. ``threads``: torch's intra-op
+    threads while training (0: one per core; None: as they are).
     """
     if cfg.init_from:
         check_source(cfg.init_from)
@@ -262,11 +266,19 @@ def finetune(
     work_dir = workspace.work_dir("checkpoints", fp)
 
     def build(out: Path) -> dict[str, Any]:
+        from tasks.training import set_threads, train_halving_on_oom
+
+        set_threads(threads)
         # Out of memory: half the micro-batch, twice the accumulation, resumed from the newest checkpoint.
         return train_halving_on_oom(cfg, lambda current: train_and_save(current, out), "finetune")
 
     def train_and_save(cfg: FinetuneConfig, out: Path) -> dict[str, Any]:
         # ``cfg`` is the stage's config, or a copy of it with a smaller micro-batch after running out of memory.
+        import torch
+
+        from tasks.resume import list_checkpoints
+        from tasks.training import seed_everything, train
+
         seed_everything(seed)
         id2label = load_id2label(labeled)
         train_rows, val_rows = load_split(labeled, "train"), load_split(labeled, "validation")

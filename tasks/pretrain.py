@@ -9,29 +9,27 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from tasks import checkpoints, training
+from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
-from tasks.config import ModelConfig, PretrainConfig
+from tasks.config import TRAIN_EXECUTION_ONLY, ModelConfig, PretrainConfig
 from tasks.curves import plot_curve
 from tasks.distributed import run_torchrun
 from tasks.errors import ConfigError, DataError
-from tasks.kernels import next_token_loss
-from tasks.resume import tied_aliases
 from tasks.tokenize import open_tokens
-from tasks.training import ShuffledIndices, dist_info, seed_everything, train, train_halving_on_oom
+
+if TYPE_CHECKING:  # torch, and the modules that import it, only where a model is built or run (not on reuse)
+    import torch
 
 log = logging.getLogger("llmpipe")
 
 STAGE_VERSION = "pretrain-4"
-# Left out of a pretrained model's fingerprint besides the engine's EXECUTION_ONLY: validation (it only watches),
+# Left out of a pretrained model's fingerprint besides TRAIN_EXECUTION_ONLY: validation (it only watches),
 # where and how the processes run, and what changes only rounding (compile).
-EXECUTION_ONLY = training.EXECUTION_ONLY | {"eval_every", "eval_batches", "rdzv_endpoint", "node_rank",
+EXECUTION_ONLY = TRAIN_EXECUTION_ONLY | {"eval_every", "eval_batches", "rdzv_endpoint", "node_rank",
                                             "distributed_timeout_s", "global_batch_tokens", "device", "compile"}
 
 
@@ -87,6 +85,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
     The tied output projection is a real matmul and counts; position-embedding lookups do not.
     """
+    import torch
+
     c = model.config
     n_params = count_parameters(model)
     lookup_only = sum(m.weight.numel() for name, m in model.named_modules()
@@ -106,9 +106,13 @@ class BlockBatches:
         if n_blocks < batch_size * world:
             raise DataError(f"the training split has {len(tokens)} tokens: {n_blocks} blocks of "
                             f"pretrain.block_size={block_size}, fewer than one global batch ({batch_size * world})")
+        from tasks.training import ShuffledIndices
+
         self.order = ShuffledIndices(n_blocks, batch_size, seed, rank, world)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        import torch
+
         b = self.block_size
         rows = [np.asarray(self.tokens[i * b : i * b + b + 1], dtype=np.int64) for i in self.order.next_indices()]
         x = torch.from_numpy(np.stack(rows))
@@ -122,29 +126,35 @@ class BlockBatches:
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from tasks.kernels import next_token_loss
+
     logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # no key/value cache in training
     return next_token_loss(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1))
 
 
-@torch.no_grad()
 def lm_eval_loss(model: torch.nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
                  max_batches: int | None = None) -> tuple[float, int]:
     """Mean next-token loss (nats) over consecutive blocks of ``tokens``; returns (loss, tokens scored)."""
+    import torch
+    import torch.nn.functional as F
+
     model.eval()
     device = next(model.parameters()).device
     n_blocks = (len(tokens) - 1) // block_size
     if n_blocks < 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than one block of {block_size}")
     total, count = 0.0, 0
-    for start in range(0, n_blocks, batch_size):
-        if max_batches is not None and start // batch_size >= max_batches:
-            break
-        idx = range(start, min(start + batch_size, n_blocks))
-        x = torch.from_numpy(np.stack([np.asarray(tokens[i * block_size : i * block_size + block_size + 1],
-                                                  dtype=np.int64) for i in idx])).to(device)
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"))
-        count += x[:, 1:].numel()
+    with torch.no_grad():
+        for start in range(0, n_blocks, batch_size):
+            if max_batches is not None and start // batch_size >= max_batches:
+                break
+            idx = range(start, min(start + batch_size, n_blocks))
+            x = torch.from_numpy(np.stack([np.asarray(tokens[i * block_size : i * block_size + block_size + 1],
+                                                      dtype=np.int64) for i in idx])).to(device)
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += x[:, 1:].numel()
     return total / count, count
 
 
@@ -161,6 +171,9 @@ def train_lm(tokens: TokensRef, tokenizer: TokenizerRef, model_cfg: ModelConfig,
              work_dir: Path, out: Path,
              on_progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train and save to ``out`` (rank 0); runs the same in one process and in each torchrun worker."""
+    from tasks.resume import tied_aliases
+    from tasks.training import dist_info, seed_everything, train
+
     rank, world = dist_info()
     seed_everything(seed)
     if model_cfg.init_from:
@@ -226,12 +239,17 @@ def pretrain(
     workspace: Workspace,
     seed: int = 0,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    threads: int | None = None,
 ) -> CheckpointRef:
-    """Train a causal LM; the artifact is a ``save_pretrained`` directory plus tokenizer and loss curve."""
+    """Train a causal LM; the artifact is a ``save_pretrained`` directory plus tokenizer and loss curve.
+    ``threads``: torch's intra-op threads while training in this process (0: one per core; None: as they are)."""
     fp = pretrain_fingerprint(tokens, tokenizer, model_cfg, cfg, seed)
     work_dir = workspace.work_dir("checkpoints", fp)
 
     def build(out: Path) -> dict[str, Any]:
+        from tasks.training import set_threads, train_halving_on_oom
+
+        set_threads(threads)
         if cfg.devices > 1 or cfg.nnodes > 1:
             spec = {"tokens": tokens.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"),
                     "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),

@@ -146,9 +146,13 @@ def _signature(outputs: list[tuple[str, str]] | None):
 
 
 def _log_transformers(run_id: str, path: Path, name: str, task: str, model_config: dict[str, Any],
-                      input_example: list[str], outputs: list[tuple[str, str]] | None):
+                      input_example: list[str], outputs: list[tuple[str, str]] | None, threads: int):
     import mlflow
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.training import set_threads
+
+    set_threads(threads)  # the flavor runs the model on the input example
 
     # The flavor looks for a hub model card under the local path; quiet that expected miss.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
@@ -297,7 +301,7 @@ def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | N
     mv, how = _register_once(
         client, reg.lm_name, lm.fingerprint,
         lambda: _log_transformers(run_id, lm.dir, "language_model", "text-generation",
-                                  {"max_new_tokens": 20, "do_sample": False}, ["The"], None),
+                                  {"max_new_tokens": 20, "do_sample": False}, ["The"], None, cfg.runtime.threads),
         run_id, tags, f"llmpipe language model, fingerprint {lm.fingerprint}{ppl}.",
     )
     client.set_tag(run_id, "llmpipe.lm_version", str(mv.version))
@@ -354,7 +358,7 @@ def register_classifier(
         client, reg.model_name, classifier.fingerprint,
         lambda: _log_transformers(run_id, classifier.dir, "classifier", "text-classification",
                                   {"truncation": True, "max_length": cfg.finetune.max_length}, EXAMPLE_TEXTS,
-                                  [("label", "string"), ("score", "double")]),
+                                  [("label", "string"), ("score", "double")], cfg.runtime.threads),
         run_id, tags, f"llmpipe classifier, fingerprint {classifier.fingerprint}.",
     )
     version = int(mv.version)

@@ -45,14 +45,6 @@ from tasks.resume import (
 
 log = logging.getLogger("llmpipe")
 
-# Settings of a training stage that change how training is observed, resumed or split into micro-batches, not the
-# weights it produces: the stage's fingerprint leaves them out. The global batch (micro-batch x accumulation) stays
-# in, so a run that halves its micro-batch after running out of memory resumes its own checkpoints and finishes the
-# same artifact.
-EXECUTION_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops", "fast_kernels",
-                  "batch_size", "grad_accum_steps"}
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -107,9 +99,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(threads: int) -> None:
-    """Pin torch's intra-op threads; 0 means one per core."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads; 0 means one per core, None leaves them as they are."""
+    if threads is not None:
+        torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:

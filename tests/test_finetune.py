@@ -15,7 +15,7 @@ import torch
 
 from tasks import classifier, evaluate, faults, finetune, ingest, metrics
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace, fingerprint
-from tasks.config import FinetuneConfig, LabeledConfig, LabeledFiles, PipelineConfig
+from tasks.config import TRAIN_EXECUTION_ONLY, FinetuneConfig, LabeledConfig, LabeledFiles, PipelineConfig
 from tasks.errors import ConfigError, DataError
 from tasks.resume import list_checkpoints
 from tasks.training import ShuffledIndices, train
@@ -195,7 +195,7 @@ def test_fine_tuning_dropout_replaces_the_checkpoints_own(setup: Setup) -> None:
     # unset, it keeps the checkpoint's and the fingerprint of a fine-tune made before the setting existed
     assert finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup), 0) == fingerprint(
         finetune.STAGE_VERSION, setup.lm.fingerprint, setup.labeled.fingerprint,
-        _ft(setup).model_dump(exclude={*finetune.EXECUTION_ONLY, "dropout"}), setup.cfg.finetune.batch_size, 0)
+        _ft(setup).model_dump(exclude={*TRAIN_EXECUTION_ONLY, "dropout"}), setup.cfg.finetune.batch_size, 0)
     assert finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup, dropout=0.1), 0) \
         != finetune.finetune_fingerprint(setup.lm, setup.labeled, _ft(setup), 0)
     trained = finetune.finetune(setup.lm, setup.labeled, _ft(setup, max_steps=4, dropout=0.1), setup.ws, 0)

@@ -1,10 +1,14 @@
 """How the code is laid out: imports point one way (flows -> tasks; inside tasks, stages -> shared parts ->
 artifacts and config), no module imports itself back through others, nothing in tasks/ imports Prefect, and no
-module outgrows one job."""
+module outgrows one job; loading the flows loads no deep-learning library (a re-run that reuses every stage needs
+none)."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +110,13 @@ def test_no_module_over_600_lines(folder: str) -> None:
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
             and str(p.relative_to(REPO)) not in SIZE_EXEMPT}
     assert long == {}
+
+
+def test_loading_the_flows_loads_no_deep_learning_library() -> None:
+    # torch and transformers come in with the first stage that builds a model; an identical re-run builds none
+    code = ("import sys, flows.cli, flows.pipeline, flows.deploy; "
+            "print(' '.join(m for m in ('torch', 'transformers', 'datasets', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == []
