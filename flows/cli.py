@@ -241,13 +241,11 @@ def cmd_run(cfg: PipelineConfig, flow: str = "pipeline", verbose: bool = False, 
     from tasks.tracking import check_tracking_server
 
     check_tracking_server()  # an MLflow server that does not answer: a clear error now, before anything starts
-    backends_ready = runtime.start_backends(cfg.workspace)  # Prefect's API comes up while the imports below run
-    runtime.mark("configure")
-    import prefect  # noqa: F401 - Prefect sets up its log handlers on import: before the display takes the terminal
-
+    # Prefect's API comes up while the imports below run. start_backends imports prefect first, which sets up
+    # Prefect's log handlers: before the display takes the terminal.
+    backends_ready = runtime.start_backends(cfg.workspace)
+    runtime.mark("configure, import prefect")
     from flows import progress
-
-    runtime.mark("import prefect")
 
     name = {"pipeline": "llm_pipeline"}.get(flow, flow)
     with progress.live(name) if show else contextlib.nullcontext():

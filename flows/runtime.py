@@ -155,8 +155,14 @@ def start_backends(workspace: str | Path) -> Callable[[], None]:
     seconds to come up, and the run's own imports fill them. Both backends run database migrations on first use,
     each under a lock file of the workspace, so two ``llmpipe run`` started together on one folder do not race to
     migrate the same SQLite files.
+
+    ``prefect`` itself is imported here, before the thread starts: two threads importing the package at once can
+    meet in its import-time plugin set-up and one of them fails with Python's "deadlock detected by _ModuleLock"
+    (seen on ``llmpipe run``; the thread has to import it before it can start the server anyway).
     """
     import threading
+
+    import prefect  # noqa: F401 - see above
 
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
