@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,6 +97,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_compiled(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms while compiled training runs on the CPU; the process's settings after.
+
+    Inductor lowers the embeddings' backward (``index_put`` with accumulation) to atomic adds in parallel loops,
+    so the order of the additions, and with it the weights' last bits, changes from run to run; in deterministic
+    mode it calls the eager kernel instead, which sums in a fixed order. Eager training is deterministic without
+    it. ``warn_only``: an operation without a deterministic form warns rather than stopping the run;
+    uninitialised memory is not filled (that is for debugging, and costs a pass over every new tensor).
+    """
+    if not enabled:
+        yield
+        return
+    import torch.utils.deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def set_threads(threads: int | None) -> None:
@@ -237,8 +263,11 @@ def train(
     ``should_stop`` sees every evaluation so far after each validation pass; when it returns True training
     ends there (``stop_reason`` 'early_stop'), with a checkpoint that a resumed run also stops at.
     With ``cfg.fast_kernels`` some modules run in a faster equivalent form while training (tasks/kernels.py).
+    Compiled on the CPU, training runs in torch's deterministic mode (``deterministic_compiled``), so two runs
+    give the same weights bit for bit.
     """
-    with fast_modules(model, cfg.fast_kernels) as swapped:
+    cpu_compiled = cfg.compile and resolve_device(cfg).type == "cpu"
+    with fast_modules(model, cfg.fast_kernels) as swapped, deterministic_compiled(cpu_compiled):
         if swapped:
             log.debug("%s: %d activation module(s) in their fast form while training", name, swapped)
         return _train(model, source, cfg, work_dir, loss_fn=loss_fn, evaluate=evaluate, should_stop=should_stop,

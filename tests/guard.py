@@ -47,7 +47,9 @@ def process_state() -> dict[str, Any]:
     if torch is not None and hasattr(torch, "get_num_threads"):
         state["torch"] = {"threads": torch.get_num_threads(), "default_dtype": torch.get_default_dtype(),
                           "grad_enabled": torch.is_grad_enabled(),
-                          "deterministic": torch.are_deterministic_algorithms_enabled()}
+                          "deterministic": torch.are_deterministic_algorithms_enabled(),
+                          "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+                          "fill_uninitialized_memory": torch.utils.deterministic.fill_uninitialized_memory}
     for module in _CONFIG_MODULES:
         config = sys.modules.get(module)
         if config is not None:  # values, and entries hidden by a delattr (monkeypatch's undo of one it created)

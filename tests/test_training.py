@@ -16,7 +16,7 @@ from tasks.config import load_config
 from tasks.errors import TrainingDiverged
 from tasks.pretrain import build_lm, pretrain, pretrain_fingerprint
 from tasks.resume import STATE_FILE, list_checkpoints
-from tasks.training import ShuffledIndices, lr_scheduler, train
+from tasks.training import ShuffledIndices, deterministic_compiled, lr_scheduler, train
 from tests.support import prepared, training_log, weights
 
 
@@ -201,3 +201,17 @@ def test_shuffled_indices_cover_each_epoch_and_restore(tmp_path: Path) -> None:
     b.load_state_dict(json.loads(json.dumps(state)))
     for _ in range(4):
         assert np.array_equal(a.next_indices(), b.next_indices())
+
+
+def test_deterministic_mode_is_on_only_while_compiled_cpu_training_runs() -> None:
+    import torch.utils.deterministic as det
+
+    settings = lambda: (torch.are_deterministic_algorithms_enabled(),  # noqa: E731
+                        torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
+    before = settings()
+    with deterministic_compiled(False):
+        assert settings() == before
+    with pytest.raises(RuntimeError, match="stop"), deterministic_compiled(True):
+        assert settings() == (True, True, False)
+        raise RuntimeError("stop")
+    assert settings() == before

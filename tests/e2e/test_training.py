@@ -1,5 +1,6 @@
 """Training in several processes and compiled: DDP and FSDP match one process (FSDP also after a crash), the
-torchrun group dies with its task and at its time limit, the compiled engine trains like the eager one."""
+torchrun group dies with its task and at its time limit, the compiled engine trains like the eager one and gives
+the same weights twice."""
 
 from __future__ import annotations
 
@@ -92,8 +93,15 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
     args = ["pretrain.max_steps=12", "pretrain.log_every=1", "pretrain.eval_every=12"]
     cfg, ws, tok, tokens = prepared(tmp_path / "eager", *args)
     eager = pretrain(tokens, tok, cfg.model, cfg.pretrain, ws, cfg.seed)
-    cfg_c, ws_c, tok_c, tokens_c = prepared(tmp_path / "compiled", *args, "pretrain.compile=true")
-    compiled = pretrain(tokens_c, tok_c, cfg_c.model, cfg_c.pretrain, ws_c, cfg_c.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # where parallel loops could race: the compiled embeddings' backward sums rows
+    try:
+        cfg_c, ws_c, tok_c, tokens_c = prepared(tmp_path / "compiled", *args, "pretrain.compile=true")
+        compiled = pretrain(tokens_c, tok_c, cfg_c.model, cfg_c.pretrain, ws_c, cfg_c.seed)
+        cfg_2, ws_2, tok_2, tokens_2 = prepared(tmp_path / "compiled-again", *args, "pretrain.compile=true")
+        again = pretrain(tokens_2, tok_2, cfg_2.model, cfg_2.pretrain, ws_2, cfg_2.seed)
+    finally:
+        torch.set_num_threads(threads)
     assert compiled.fingerprint == eager.fingerprint  # compilation is an execution detail
     loss_e = [h["loss"] for h in training_log(eager)["history"]]
     loss_c = [h["loss"] for h in training_log(compiled)["history"]]
@@ -101,6 +109,12 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
     assert loss_c[-1] < loss_c[0] - 0.3  # it learns
     assert max(abs(a - b) for a, b in zip(loss_e, loss_c, strict=True)) < 2e-3
     assert compiled.meta["val_loss"] == pytest.approx(eager.meta["val_loss"], abs=2e-3)
+    # Twice compiled, the same weights bit for bit: in deterministic mode the embeddings' backward sums each row
+    # in a fixed order (without it, two threads' atomic adds change the last bits from run to run).
+    first, second = weights(compiled), weights(again)
+    assert first.keys() == second.keys()
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is back
 
 
 def test_fsdp_two_processes_resume_after_a_crash_and_match_one_process(one_process, monkeypatch) -> None:
