@@ -17,6 +17,10 @@ last line printed is one JSON object, with ``datasets.<name>.speedup_vs_dynamic`
 ``datasets.<name>.speedup_vs_run_glue``.
 
     python benchmarks/finetune.py [--datasets sst2,imdb] [--steps 30] [--warmup 5] [--repeats 2] [--threads 2]
+                                  [--set KEY=VALUE ...]
+
+``--set`` overrides a field of the preset for our stage and, where they share it (``finetune.batch_size``, ``lr``,
+...), for both recipes; the JSON names the overrides.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     steps = args.steps or default_steps
     path = DATA / rel
     cfg = load_config("sst2", [f"corpus.sources=[{{kind: files, paths: ['{path}'], text_columns: [{column}]}}]",
-                               *overrides])
+                               *overrides, *args.overrides])
     ft = cfg.finetune.model_copy(update={"max_length": max_length})
     texts, labels = reader(path)
     runs: dict[str, list[float]] = {"ours": [], "dynamic": [], "run_glue": []}
@@ -205,6 +209,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per engine")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the sst2 preset (repeatable)")
     args = parser.parse_args()
     names = [n for n in args.datasets.split(",") if n]
     unknown = sorted(set(names) - set(DATASETS))
@@ -215,7 +221,7 @@ def main() -> None:
             sys.exit(f"benchmarks/finetune.py: {DATA / DATASETS[name][0]} not found (set LLMPIPE_SHARED_DATA)")
     torch.set_num_threads(args.threads)
     results = {name: measure(name, args) for name in names}
-    print(json.dumps({"benchmark": "finetune", "warmup": args.warmup, "threads": args.threads,
+    print(json.dumps({"benchmark": "finetune", "warmup": args.warmup, "threads": args.threads, "overrides": args.overrides,
                       "datasets": results, "load_average": [round(x, 2) for x in os.getloadavg()]}))
 
 

@@ -79,16 +79,17 @@ class Encoder:
     def _reset(self) -> None:
         # Piece 0 is the end-of-document marker (None), standing for [eos]. Piece i's ids are
         # _ids[_starts[i] : _starts[i] + _lens[i]].
-        self._piece: dict[str | None, int] = {None: 0}
+        self._piece = _PieceIndex()
         self._starts = np.zeros(1024, dtype=np.int64)
         self._lens = np.zeros(1024, dtype=np.int64)
         self._ids = np.zeros(4096, dtype=np.int64)
         self._lens[0], self._ids[0], self._n_ids = 1, self.eos_id, 1
 
     def _learn(self, pieces: list[str]) -> None:
+        """Fill in the ids of ``pieces``, the last ones ``_piece`` numbered."""
         encodings = self.tok.encode_batch_fast(pieces, add_special_tokens=False)
         lens = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        first, n_new = len(self._piece), int(lens.sum())
+        first, n_new = len(self._piece) - len(pieces), int(lens.sum())
         self._starts = _grow(self._starts, first + len(pieces))
         self._lens = _grow(self._lens, first + len(pieces))
         self._ids = _grow(self._ids, self._n_ids + n_new)
@@ -96,7 +97,6 @@ class Encoder:
         self._starts[first : first + len(pieces)] = self._n_ids + np.cumsum(lens) - lens
         self._ids[self._n_ids : self._n_ids + n_new] = [i for e in encodings for i in e.ids]
         self._n_ids += n_new
-        self._piece.update(zip(pieces, range(first, first + len(pieces)), strict=True))
 
     def _piece_ids(self, pieces: list[str | None]) -> np.ndarray:
         return np.fromiter(map(self._piece.__getitem__, pieces), dtype=np.int64, count=len(pieces))
@@ -110,15 +110,13 @@ class Encoder:
         for text in texts:
             pieces += (_ASCII_SPLIT if text.isascii() else _UNICODE_SPLIT).findall(text)
             pieces.append(None)
-        try:
-            pids = self._piece_ids(pieces)
-        except KeyError:  # pieces not seen yet: learn them all, then look up again
-            new = set(pieces).difference(self._piece)
-            if len(self._piece) + len(new) > self.cache_limit:  # start over, with this batch's pieces
+        pids = self._piece_ids(pieces)  # pieces not seen yet are numbered as they are met
+        if self._piece.new:
+            if len(self._piece) > self.cache_limit:  # start over, with this batch's pieces
                 self._reset()
-                new = set(pieces).difference(self._piece)
-            self._learn(list(new))
-            pids = self._piece_ids(pieces)
+                pids = self._piece_ids(pieces)
+            new, self._piece.new = self._piece.new, []
+            self._learn(new)
         lens = self._lens[pids]
         ends = np.cumsum(lens)
         ids = self._ids[np.arange(int(ends[-1])) + np.repeat(self._starts[pids] - (ends - lens), lens)]
@@ -154,6 +152,20 @@ class Encoder:
             for i, chunk, n in zip(where, np.split(ids, np.cumsum(lens)[:-1]), lens, strict=True):
                 parts[i], lengths[i] = chunk, n
         return np.concatenate(parts), lengths
+
+
+class _PieceIndex(dict):
+    """Piece -> its number in the encoder's cache. A piece not seen yet gets the next number when it is looked up
+    and waits in ``new`` to be learned: one pass over a batch's pieces, whether or not some are new."""
+
+    def __init__(self) -> None:
+        super().__init__({None: 0})
+        self.new: list[str] = []
+
+    def __missing__(self, piece: str) -> int:
+        self[piece] = number = len(self)
+        self.new.append(piece)
+        return number
 
 
 def _grow(a: np.ndarray, size: int) -> np.ndarray:
