@@ -331,8 +331,8 @@ class ModelConfig(Section):
         return self
 
 
-# Settings of a training stage that change how training is observed, resumed or split into micro-batches, not the
-# weights it produces: the stage's fingerprint leaves them out. The global batch (micro-batch x accumulation) stays
+# Settings of a training stage that change how training is observed, resumed or split into micro-batches, or how it is
+# computed (rounding; which dropout masks are drawn), not what it trains: the stage's fingerprint leaves them out. The global batch (micro-batch x accumulation) stays
 # in, so a run that halves its micro-batch after running out of memory resumes its own checkpoints and finishes the
 # same artifact.
 TRAIN_EXECUTION_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops",
@@ -368,7 +368,8 @@ class TrainConfig(Section):
         False, description="Compile the model and its loss with torch.compile (worth it for runs longer than a few "
         "minutes; needs a C++ compiler on CPU).")
     fast_kernels: bool = Field(
-        True, description="While training, swap tanh-GELU activations for an equivalent, faster form (see "
+        True, description="While training, swap tanh-GELU activations for an equivalent, faster form and, on the "
+        "CPU, dropout for one that draws its masks four times faster (other masks of the same distribution; see "
         "tasks/kernels.py); the saved model is unchanged.")
     log_every: int = Field(50, ge=1, description="Steps between progress log lines and metric points.")
     eval_every: int = Field(200, ge=1, description="Steps between validation passes.")

@@ -266,10 +266,10 @@ def train(
     Compiled on the CPU, training runs in torch's deterministic mode (``deterministic_compiled``), so two runs
     give the same weights bit for bit.
     """
-    cpu_compiled = cfg.compile and resolve_device(cfg).type == "cpu"
-    with fast_modules(model, cfg.fast_kernels) as swapped, deterministic_compiled(cpu_compiled):
+    cpu = resolve_device(cfg).type == "cpu"
+    with fast_modules(model, cfg.fast_kernels, dropout=cpu) as swapped, deterministic_compiled(cfg.compile and cpu):
         if swapped:
-            log.debug("%s: %d activation module(s) in their fast form while training", name, swapped)
+            log.debug("%s: %d activation or dropout module(s) in their fast form while training", name, swapped)
         return _train(model, source, cfg, work_dir, loss_fn=loss_fn, evaluate=evaluate, should_stop=should_stop,
                       tokens_in=tokens_in, flops_per_token=flops_per_token, on_progress=on_progress,
                       strategy=strategy, name=name)
