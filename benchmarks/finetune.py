@@ -4,7 +4,8 @@ Same model (the GPT-2 of configs/sst2.yaml with a fresh two-class head, identica
 tokenizer (a byte-level BPE trained by the pipeline on the data set's training texts), same texts, same
 micro-batch, truncation and optimizer settings, all fp32 on the CPU with the same torch threads.
 
-- ours: the finetune stage's batches (dynamic padding, length-grouped) through the shared training engine.
+- ours: the finetune stage's batches (dynamic padding, length-grouped) through the shared training engine, as the
+  preset sets it (compiled, with its default fast kernels; ``--set finetune.compile=false`` measures it eager).
 - dynamic: what a competent user picks: Hugging Face ``Trainer`` with ``DataCollatorWithPadding`` and
   length-grouped batches (``train_sampling_strategy="group_by_length"``, formerly ``group_by_length=True``).
 - run_glue: run_glue.py's default recipe: every text padded to max_length, ``default_data_collator``, ``Trainer``.
