@@ -331,10 +331,10 @@ class ModelConfig(Section):
         return self
 
 
-# Settings of a training stage that change how training is observed, resumed or split into micro-batches, or how it is
-# computed (rounding; which dropout masks are drawn), not what it trains: the stage's fingerprint leaves them out. The global batch (micro-batch x accumulation) stays
-# in, so a run that halves its micro-batch after running out of memory resumes its own checkpoints and finishes the
-# same artifact.
+# Settings of a training stage that change how training is observed, resumed, split into micro-batches or computed
+# (rounding; which dropout masks are drawn), not what it trains: the stage's fingerprint leaves them out. The global
+# batch (micro-batch x accumulation) stays in, so a run that halves its micro-batch after running out of memory
+# resumes its own checkpoints and finishes the same artifact.
 TRAIN_EXECUTION_ONLY = {"log_every", "checkpoint_every", "keep_checkpoints", "resume", "peak_flops",
                         "fast_kernels", "batch_size", "grad_accum_steps"}
 
