@@ -8,6 +8,7 @@ micro-batch, truncation and optimizer settings, all fp32 on the CPU with the sam
   preset sets it (compiled, with its default fast kernels; ``--set finetune.compile=false`` measures it eager).
 - dynamic: what a competent user picks: Hugging Face ``Trainer`` with ``DataCollatorWithPadding`` and
   length-grouped batches (``train_sampling_strategy="group_by_length"``, formerly ``group_by_length=True``).
+- dynamic_compiled (``--trainer-compile``, for reference): the dynamic recipe with ``torch_compile=True``.
 - run_glue: run_glue.py's default recipe: every text padded to max_length, ``default_data_collator``, ``Trainer``.
 
 Data sets (``--datasets``): ``sst2`` (GLUE train.tsv, 67,349 short phrases, max_length 128) and ``imdb``
@@ -18,7 +19,7 @@ last line printed is one JSON object, with ``datasets.<name>.speedup_vs_dynamic`
 ``datasets.<name>.speedup_vs_run_glue``.
 
     python benchmarks/finetune.py [--datasets sst2,imdb] [--steps 30] [--warmup 5] [--repeats 2] [--threads 2]
-                                  [--set KEY=VALUE ...]
+                                  [--trainer-compile] [--set KEY=VALUE ...]
 
 ``--set`` overrides a field of the preset for our stage and, where they share it (``finetune.batch_size``, ``lr``,
 ...), for both recipes; the JSON names the overrides.
@@ -113,9 +114,10 @@ def run_ours(model, seqs: list[list[int]], labels: list[int], pad_id: int, ft, s
 
 
 def run_trainer(model, tokenizer, texts: list[str], labels: list[int], ft, steps: int, warmup: int,
-                max_length: int, recipe: str) -> float:
+                max_length: int, recipe: str, compile_model: bool = False) -> float:
     """Samples/s of Trainer: ``run_glue`` pads every text to max_length; ``dynamic`` pads each batch to its longest
-    text with DataCollatorWithPadding and groups texts of similar length into batches."""
+    text with DataCollatorWithPadding and groups texts of similar length into batches; ``compile_model`` sets its
+    ``torch_compile=True``."""
     import datasets
     from transformers import (
         DataCollatorWithPadding,
@@ -141,7 +143,7 @@ def run_trainer(model, tokenizer, texts: list[str], labels: list[int], ft, steps
             output_dir=out, max_steps=warmup + steps, per_device_train_batch_size=ft.batch_size,
             learning_rate=ft.lr, weight_decay=ft.weight_decay, warmup_steps=ft.warmup_steps, max_grad_norm=ft.grad_clip,
             logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
-            dataloader_num_workers=0, seed=0, disable_tqdm=True,
+            dataloader_num_workers=0, seed=0, disable_tqdm=True, torch_compile=compile_model,
             train_sampling_strategy="random" if glue else "group_by_length",
         )
         collator = default_data_collator if glue else DataCollatorWithPadding(tokenizer)
@@ -159,6 +161,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     ft = cfg.finetune.model_copy(update={"max_length": max_length})
     texts, labels = reader(path)
     runs: dict[str, list[float]] = {"ours": [], "dynamic": [], "run_glue": []}
+    if args.trainer_compile:
+        runs["dynamic_compiled"] = []
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp) / "ws")
         tok_ref = train_tokenizer(ingest_corpus(cfg.corpus, ws, cfg.seed), cfg.tokenizer, ws)
@@ -181,6 +185,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
                 runs[recipe].append(run_trainer(fresh(), tokenizer, texts, labels, ft,
                                                 min(steps, RUN_GLUE_STEPS) if recipe == "run_glue" else steps, args.warmup,
                                                 max_length, recipe))
+            if args.trainer_compile:
+                runs["dynamic_compiled"].append(run_trainer(fresh(), tokenizer, texts, labels, ft, steps, args.warmup,
+                                                            max_length, "dynamic", compile_model=True))
             say(f"{name}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()) + " samples/s")
         n_params = sum(p.numel() for p in fresh().parameters())
     best = {k: max(v) for k, v in runs.items()}
@@ -195,6 +202,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         **{f"{k}_runs": [round(x, 2) for x in v] for k, v in runs.items()},
         "speedup_vs_dynamic": round(best["ours"] / best["dynamic"], 3),
         "speedup_vs_run_glue": round(best["ours"] / best["run_glue"], 3),
+        **({"speedup_vs_dynamic_compiled": round(best["ours"] / best["dynamic_compiled"], 3)}
+           if args.trainer_compile else {}),
     }
 
 
@@ -210,6 +219,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per engine")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--trainer-compile", action="store_true",
+                        help="also time the dynamic recipe with Trainer's torch_compile=True (reported, not in the "
+                        "speedup)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the sst2 preset (repeatable)")
     args = parser.parse_args()
