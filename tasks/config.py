@@ -369,8 +369,8 @@ class TrainConfig(Section):
         "minutes; needs a C++ compiler on CPU).")
     fast_kernels: bool = Field(
         True, description="While training, swap tanh-GELU activations for an equivalent, faster form and, on the "
-        "CPU, dropout for one that draws its masks four times faster (other masks of the same distribution; see "
-        "tasks/kernels.py); the saved model is unchanged.")
+        "CPU, dropout (attention dropout included) for one that draws its masks four times faster (other masks of the "
+        "same distribution; see tasks/kernels.py); the saved model is unchanged.")
     log_every: int = Field(50, ge=1, description="Steps between progress log lines and metric points.")
     eval_every: int = Field(200, ge=1, description="Steps between validation passes.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
