@@ -5,7 +5,10 @@
 its logging; ``spec`` is JSON. The launcher owns the whole process tree: torchrun starts in its own session (process group), is
 told by the kernel to stop when the launching thread dies (``PR_SET_PDEATHSIG``), and is killed as a
 group when the stage fails, is cancelled or runs past ``pretrain.distributed_timeout_s``. Each
-worker likewise dies with its torchrun agent, so no training process outlives the task.
+worker likewise dies with its torchrun agent, so no training process outlives the task. Each process checks,
+right after asking for its death signal, that the parent it was started by is still there: a parent that
+died first (killed while it was still starting its children) sends no signal, and torchrun's agent, told to
+stop while it is starting its workers, may exit without stopping the ones it has just started.
 
 Multi-node: run the same flow on every node with ``pretrain.nnodes=N``, ``pretrain.node_rank=i``
 and ``pretrain.rdzv_endpoint=HOST:PORT`` of node 0 (c10d rendezvous); the workspace must be on
@@ -37,10 +40,20 @@ log = logging.getLogger("llmpipe")
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent thread exits (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+# The process a launched process must die with, by number: the task for torchrun's agent, the agent for its workers.
+PARENT_PID_ENV = "LLMPIPE_TORCHRUN_PARENT_PID"
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent thread exits (no-op elsewhere). With ``parent``
+    (the pid this process was started by), exit at once if that parent is already gone: the kernel only
+    signals a parent's death that comes after the request."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        print(f"llmpipe: process {parent}, which started this one, is gone; exiting", file=sys.stderr)
+        os._exit(128 + sig)
 
 
 def torchrun_command(spec_path: Path, cfg: PretrainConfig) -> list[str]:
@@ -85,7 +98,8 @@ def run_torchrun(entry: Callable[[dict[str, Any]], Any], spec: dict[str, Any], c
     cmd = torchrun_command(spec_path, cfg)
     log.info("%s: launching %d x %d processes under torchrun", entry.__module__.rsplit(".", 1)[-1], cfg.nnodes,
              cfg.devices)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices)),
+           PARENT_PID_ENV: str(os.getpid())}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     tail: deque[str] = deque(maxlen=60)
@@ -117,11 +131,11 @@ def run_torchrun(entry: Callable[[dict[str, Any]], Any], spec: dict[str, Any], c
 def _worker(spec_path: str) -> None:
     """One torchrun worker: dies with its agent, joins the process group (NCCL on CUDA, else gloo), logs through
     rank 0's stdout, and runs the stage's entry."""
+    die_with_parent(signal.SIGKILL, int(os.environ[PARENT_PID_ENV]))
     import importlib
 
     import torch
 
-    die_with_parent(signal.SIGKILL)
     launch = json.loads(Path(spec_path).read_text())
     backend = "nccl" if torch.cuda.is_available() and launch["device"] != "cpu" else "gloo"
     if backend == "nccl":
@@ -141,8 +155,9 @@ def _worker(spec_path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[0] == "launch":  # become torchrun, tied to the launching thread's life
-        die_with_parent(signal.SIGTERM)
+    if argv[0] == "launch":  # become torchrun, tied to the launching thread's life; its workers, to torchrun's
+        die_with_parent(signal.SIGTERM, int(os.environ[PARENT_PID_ENV]))
+        os.environ[PARENT_PID_ENV] = str(os.getpid())  # exec keeps the pid: the workers' parent is this process
         os.execv(argv[1], argv[1:])
     elif argv[0] == "worker":
         _worker(argv[1])

@@ -4,11 +4,13 @@ the same weights twice."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,11 @@ def test_timeout_kills_the_whole_torchrun_group(tmp_path: Path) -> None:
     assert not list((ws.root / "checkpoints").glob(f"{fp}.tmp-*")), "a half-written artifact was left"
 
 
-def test_killing_the_task_process_leaves_no_orphaned_workers(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def task_starting_its_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A task process pretraining on two processes under torchrun, yielded (with its spec path, which the command
+    lines of torchrun's agent and workers name) the moment both workers exist: the agent may still be starting
+    them, and they have not yet asked to die with it. Whatever is left is killed afterwards."""
     cfg, ws, tok, tokens = prepared(tmp_path / "ws", "pretrain.max_steps=1000000", "pretrain.batch_size=4",
                                     "pretrain.devices=2", "pretrain.log_every=1")
     fp = pretrain_fingerprint(tokens, tok, cfg.model, cfg.pretrain, cfg.seed)
@@ -76,16 +82,31 @@ def test_killing_the_task_process_leaves_no_orphaned_workers(tmp_path: Path) -> 
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Wait until both workers are up (the spec path is on their command lines, and the agent's).
         wait_until(lambda: len(processes_mentioning(spec)) >= 3, "torchrun and two workers", 120)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        wait_until(lambda: not processes_mentioning(spec), "every torchrun process to end", 30)
+        yield child, spec
     finally:
         for pid in processes_mentioning(spec):
             os.kill(pid, signal.SIGKILL)
         if child.poll() is None:
             child.kill()
+        child.wait()
+
+
+def test_killing_the_task_process_leaves_no_orphaned_workers(tmp_path: Path) -> None:
+    with task_starting_its_workers(tmp_path) as (child, spec):
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        wait_until(lambda: not processes_mentioning(spec), "every torchrun process to end", 30)
+
+
+def test_killing_torchrun_as_it_starts_its_workers_leaves_none_behind(tmp_path: Path) -> None:
+    # The agent dies (SIGKILL: the OOM killer's choice) before its workers have asked to die with it, and
+    # cannot stop them itself: the workers see that their parent is gone, and exit.
+    with task_starting_its_workers(tmp_path) as (child, spec):
+        (agent,) = set(processes_mentioning(spec)) & set(processes_mentioning("torch.distributed.run"))
+        os.kill(agent, signal.SIGKILL)
+        wait_until(lambda: not processes_mentioning(spec), "both workers to end", 30)
+        assert child.wait(timeout=60) == 1  # and the task fails (torchrun exited with -9), it does not hang
 
 
 def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
