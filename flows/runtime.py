@@ -174,12 +174,12 @@ def start_backends(workspace: str | Path) -> Callable[[], None]:
                 from prefect.client.orchestration import get_client
 
                 get_client(sync_client=True)  # starts the temporary local API for this process
-                guard_temporary_api()
         except BaseException as exc:  # noqa: BLE001 - handed to ready(), which raises it in the caller's thread
             failed.append(exc)
 
     api = None
     if not (os.environ.get("PREFECT_API_URL") or profile_api_url()):
+        guard_temporary_api()
         api = threading.Thread(target=start_api, name="llmpipe-prefect-api", daemon=True)
         api.start()
 
@@ -200,21 +200,25 @@ def start_backends(workspace: str | Path) -> Callable[[], None]:
     return ready
 
 
+# Prefect's temporary API server: its command line names this app, and its environment, copied from the process that
+# started it, holds that process's TEMPORARY_API_OWNER_ENV (pid and start time).
+SERVER_APP = "prefect.server.api.server:create_app"
+TEMPORARY_API_OWNER_ENV = "LLMPIPE_TEMPORARY_API_OWNER"
+
+
 def guard_temporary_api() -> None:
-    """Stop Prefect's temporary local API when this process dies without stopping it.
+    """Stop Prefect's temporary local API when this process dies without stopping it; call before it starts.
 
     Prefect stops the server at exit, but a process killed outright (``kill -9``, the kernel's OOM
     killer) runs no exit code, and the server would go on serving, orphaned, holding its memory and
-    port night after night. A small watcher process outlives this one to take the server down.
+    port night after night. A small watcher process outlives this one to take the server down. It tells
+    this process's servers from any other by the owner mark in their environment, so a kill while the
+    server is still starting is covered too, and another run's server is never touched.
     """
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer().server_process
-    if server is None or server.poll() is not None:
-        return
-    subprocess.Popen([sys.executable, "-m", "flows.runtime", "guard", str(os.getpid()), str(server.pid),
-                      _start_time(server.pid) or "-"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, close_fds=True)
+    owner = f"{os.getpid()}:{_start_time(os.getpid()) or '-'}"
+    os.environ[TEMPORARY_API_OWNER_ENV] = owner  # the server Prefect starts copies this process's environment
+    subprocess.Popen([sys.executable, "-m", "flows.runtime", "guard", str(os.getpid()), owner],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -243,25 +247,41 @@ def _alive(pid: int, started: str | None) -> bool:
     return fields[0] != "Z" and (started is None or fields[19] == started)
 
 
-def _guard(parent: int, server: int, started: str | None, poll_s: float = 1.0) -> None:
-    """Wait for ``parent`` to die, then stop ``server`` if it is still running (SIGTERM, then SIGKILL)."""
+def _servers_of(owner: str) -> dict[int, str | None]:
+    """Prefect temporary API servers whose environment carries ``owner``'s mark, with their start times."""
+    mark = f"{TEMPORARY_API_OWNER_ENV}={owner}".encode()
+    servers: dict[int, str | None] = {}
+    if not Path("/proc").is_dir():  # not Linux: nothing to find them by
+        return servers
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if SERVER_APP.encode() in (entry / "cmdline").read_bytes() and \
+                    mark in (entry / "environ").read_bytes().split(b"\0"):
+                servers[int(entry.name)] = _start_time(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return servers
+
+
+def _guard(parent: int, owner: str, poll_s: float = 1.0) -> None:
+    """Wait for ``parent`` to die, then stop the temporary API servers it owned (SIGTERM, then SIGKILL)."""
     # Signals meant for the run (Ctrl-C, a scheduler's SIGTERM to the group) must not end the watch early.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while os.getppid() == parent:  # re-parented once the parent is gone
         time.sleep(poll_s)
+    servers = _servers_of(owner)
     for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        if not _alive(server, started):
-            return
-        try:
-            os.kill(server, sig)
-        except ProcessLookupError:
-            return
+        servers = {pid: started for pid, started in servers.items() if _alive(pid, started)}
+        for pid in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while _alive(server, started) and time.monotonic() < deadline:
+        while any(_alive(pid, started) for pid, started in servers.items()) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
-    _parent, _server, _started = sys.argv[2:5]
-    _guard(int(_parent), int(_server), None if _started == "-" else _started)
+    _guard(int(sys.argv[2]), sys.argv[3])

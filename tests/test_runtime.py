@@ -3,30 +3,56 @@ Prefect's temporary API."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+# A parent (the CLI) that starts the guard and two look-alike servers, one carrying its owner mark (as the server
+# Prefect starts copies the CLI's environment) and one not (another run's), then waits to be killed.
+PARENT = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from flows.runtime import SERVER_APP, TEMPORARY_API_OWNER_ENV, guard_temporary_api
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)", SERVER_APP]
+    other = subprocess.Popen(sleeper, env={**os.environ, TEMPORARY_API_OWNER_ENV: "1:1"})
+    guard_temporary_api()
+    ours = subprocess.Popen(sleeper)
+    print(ours.pid, other.pid, flush=True)
+    time.sleep(120)
+""")
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times come from /proc (Linux)")
-def test_temporary_api_guard_stops_the_server_it_was_given_and_nothing_else() -> None:
-    # `python -m flows.runtime guard PARENT SERVER START`: a PARENT that is not our parent counts as dead.
-    from flows.runtime import _start_time
 
-    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard finds servers in /proc (Linux)")
+def test_temporary_api_guard_stops_the_servers_its_parent_started_and_nothing_else() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    ours, other = map(int, parent.stdout.readline().split())
     try:
-        guard = [sys.executable, "-m", "flows.runtime", "guard", "0", str(victim.pid)]
-        # A later process reusing the number (another start time) is left alone.
-        subprocess.run([*guard, "1"], check=True, timeout=60)
-        assert victim.poll() is None
-        subprocess.run([*guard, _start_time(victim.pid)], check=True, timeout=60)
-        assert victim.wait(timeout=5) == -signal.SIGTERM
+        parent.kill()  # kill -9: no exit code of the parent runs
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _running(ours) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(ours), "the parent's server outlived it"
+        assert _running(other), "another run's server was stopped"
     finally:
-        victim.kill()
-        victim.wait()
+        for pid in (ours, other):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie waiting for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_find_registry_takes_the_store_llmpipe_run_writes(tmp_path: Path) -> None:
@@ -64,6 +90,7 @@ def test_start_backends_creates_the_mlflow_store_and_hands_a_failed_api_start_to
 
     monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setattr(runtime, "profile_api_url", lambda: None)
+    monkeypatch.setattr(runtime, "guard_temporary_api", lambda: None)  # no server will start to guard
 
     def refuse(*args, **kwargs):
         raise RuntimeError("no server here")

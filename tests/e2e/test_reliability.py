@@ -135,16 +135,21 @@ def _session_processes(sid: int) -> list[str]:
     return found
 
 
-def test_kill_9_of_the_cli_alone_takes_its_temporary_api_down(tmp_path: Path) -> None:
-    # The OOM killer picks the largest process, the CLI; no exit code of its runs, yet the server must go.
+@pytest.mark.parametrize("moment", ["while the API starts", "while pretraining"])
+def test_kill_9_of_the_cli_alone_takes_its_temporary_api_down(tmp_path: Path, moment: str) -> None:
+    # The OOM killer picks the largest process, the CLI; no exit code of its runs, yet the server must go,
+    # also when the CLI dies before the server has answered (Prefect has not handed the CLI the server yet).
     proc = _llmpipe(tmp_path, "run", "--config", "tiny", "--set", "pretrain.max_steps=1000000",
-                    stdout=subprocess.DEVNULL)
+                    "--set", "pretrain.log_every=5")
     try:
-        deadline = time.monotonic() + 240
-        while not any("flows.runtime guard" in cmd for cmd in _session_processes(proc.pid)):
-            assert proc.poll() is None and time.monotonic() < deadline, "the temporary API never came up guarded"
-            time.sleep(0.5)
-        assert any("uvicorn" in cmd for cmd in _session_processes(proc.pid))
+        if moment == "while the API starts":
+            deadline = time.monotonic() + 120
+            while not any("uvicorn" in cmd for cmd in _session_processes(proc.pid)):
+                assert proc.poll() is None and time.monotonic() < deadline, "the temporary API never started"
+                time.sleep(0.05)
+        else:
+            assert any("pretrain step" in line for line in proc.stdout), "pretraining never started"
+        assert any("flows.runtime guard" in cmd for cmd in _session_processes(proc.pid)), "no guard"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -154,6 +159,7 @@ def test_kill_9_of_the_cli_alone_takes_its_temporary_api_down(tmp_path: Path) ->
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
 
 
 def test_sigterm_crashes_the_run_cleanly_and_leaves_no_server_behind(tmp_path: Path) -> None:
