@@ -103,10 +103,18 @@ def test_killing_torchrun_as_it_starts_its_workers_leaves_none_behind(tmp_path: 
     # The agent dies (SIGKILL: the OOM killer's choice) before its workers have asked to die with it, and
     # cannot stop them itself: the workers see that their parent is gone, and exit.
     with task_starting_its_workers(tmp_path) as (child, spec):
-        (agent,) = set(processes_mentioning(spec)) & set(processes_mentioning("torch.distributed.run"))
+        # The agent is the task's child (a worker being forked shows the agent's command line until its exec).
+        (agent,) = [pid for pid in processes_mentioning(spec) if _parent(pid) == child.pid]
         os.kill(agent, signal.SIGKILL)
         wait_until(lambda: not processes_mentioning(spec), "both workers to end", 30)
         assert child.wait(timeout=60) == 1  # and the task fails (torchrun exited with -9), it does not hang
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return None
 
 
 def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
