@@ -30,6 +30,8 @@ PARENT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the guard finds servers in /proc (Linux)")
 def test_temporary_api_guard_stops_the_servers_its_parent_started_and_nothing_else() -> None:
+    from flows.runtime import _alive  # a live process, not a zombie waiting to be reaped
+
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])
     ours, other = map(int, parent.stdout.readline().split())
@@ -37,22 +39,14 @@ def test_temporary_api_guard_stops_the_servers_its_parent_started_and_nothing_el
         parent.kill()  # kill -9: no exit code of the parent runs
         parent.wait()
         deadline = time.monotonic() + 30
-        while _running(ours) and time.monotonic() < deadline:
+        while _alive(ours, None) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(ours), "the parent's server outlived it"
-        assert _running(other), "another run's server was stopped"
+        assert not _alive(ours, None), "the parent's server outlived it"
+        assert _alive(other, None), "another run's server was stopped"
     finally:
         for pid in (ours, other):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not a zombie waiting for init to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_find_registry_takes_the_store_llmpipe_run_writes(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.runtime import _stat
 from tasks.pretrain import pretrain, pretrain_fingerprint
 from tasks.training import list_checkpoints
 from tests.support import REPO, prepared, processes_mentioning, training_log, wait_until, weights
@@ -104,17 +105,10 @@ def test_killing_torchrun_as_it_starts_its_workers_leaves_none_behind(tmp_path: 
     # cannot stop them itself: the workers see that their parent is gone, and exit.
     with task_starting_its_workers(tmp_path) as (child, spec):
         # The agent is the task's child (a worker being forked shows the agent's command line until its exec).
-        (agent,) = [pid for pid in processes_mentioning(spec) if _parent(pid) == child.pid]
+        (agent,) = [pid for pid in processes_mentioning(spec) if (_stat(pid) or [0, 0])[1] == str(child.pid)]
         os.kill(agent, signal.SIGKILL)
         wait_until(lambda: not processes_mentioning(spec), "both workers to end", 30)
         assert child.wait(timeout=60) == 1  # and the task fails (torchrun exited with -9), it does not hang
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError):
-        return None
 
 
 def test_compiled_engine_trains_like_the_eager_one(tmp_path: Path) -> None:
