@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.checkpoints import is_local
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PolicyError
 from tasks.redact import redact
 
 DATA_DIRS_ENV = "LLMPIPE_DATA_DIRS"
@@ -46,10 +46,6 @@ CAPABILITIES = {
 # do not even accept them; this also covers a pool created from Prefect's default template).
 PROTECTED_JOB_VARIABLES = ("command", "env", "working_dir", "image", "service_account_name", "namespace")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{20}$")
-
-
-class PolicyError(ConfigError):
-    """A run's parameters ask for more than the worker's operator allows."""
 
 
 @dataclass(frozen=True)
