@@ -6,6 +6,8 @@ YAML presets and the Prefect UI's parameter form. The defaults are the quickstar
 
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +41,55 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+# ---------------------------------------------------------------------------------------------- local paths
+# Every path a config names is normalised once, here, when the config is validated: the user's home expanded, made
+# absolute against the working directory, symbolic links resolved. The operator's policy checks that value and the
+# stages read and write that value, so nothing is interpreted two ways ("~/x" checked as one folder, written as
+# another).
+
+
+def is_local(name: str) -> bool:
+    """Whether a checkpoint, tokenizer or data set name is a local path rather than a Hugging Face Hub name."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def is_url(value: str) -> bool:
+    return "://" in value
+
+
+def local_path(value: str) -> str:
+    """``value`` as an absolute path with ``~`` expanded and links resolved."""
+    return os.path.realpath(os.path.expanduser(value))
+
+
+def local_pattern(value: str) -> str:
+    """A path or glob pattern: an existing path (taken literally) or the folders before the first wildcard
+    normalised as ``local_path``; the wildcard part is kept as written (the reader checks it)."""
+    path = Path(os.path.expanduser(value))
+    if path.exists() or not glob.has_magic(value):
+        return local_path(value)
+    parts = path.parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return os.path.join(local_path(os.path.join(*parts[:first]) if first else "."), *parts[first:])
+
+
+def _local_name(value: str | None) -> str | None:
+    """A name that is a local path (not a Hub name or a URL), normalised; any other name as it is."""
+    return local_path(value) if value and not is_url(value) and is_local(value) else value
+
+
+def _local_paths(values: list[str]) -> list[str]:
+    return [local_pattern(v) for v in values]
+
+
+def _local_files(values: list[str]) -> list[str]:
+    return [v if is_url(v) else local_pattern(v) for v in values]
+
+
+def _local(value: str | None) -> str | None:
+    return None if value is None else local_path(value)
+
+
 class SampleSource(Section):
     """The built-in generated English corpus."""
 
@@ -68,6 +119,7 @@ class FilesSource(Section):
     weight: float = _weight()
 
     _columns = field_validator("text_columns", mode="before")(_as_list)
+    _paths = field_validator("paths")(_local_paths)
 
 
 class HubSource(Section):
@@ -86,6 +138,8 @@ class HubSource(Section):
     weight: float = _weight()
 
     _columns = field_validator("text_columns", mode="before")(_as_list)
+    _name = field_validator("name")(_local_name)
+    _data_files = field_validator("data_files")(_local_files)
 
 
 class DataFrameSource(Section):
@@ -150,6 +204,8 @@ class LabeledFiles(Section):
     has_header: bool = Field(True, description="Whether CSV/TSV files start with a header row (else columns are 0, "
                              "1, ...).")
 
+    _paths = field_validator("train", "validation", "test")(_local)
+
 
 class LabeledHub(Section):
     """A Hugging Face dataset through ``datasets.load_dataset`` (or a folder written by ``save_to_disk``)."""
@@ -168,6 +224,8 @@ class LabeledHub(Section):
     test_split: str | None = Field(
         "test", description="The dataset's test split; when null or absent, one is split off train.",
     )
+
+    _name = field_validator("name")(_local_name)
 
 
 class LabeledDataFrames(Section):
@@ -291,6 +349,8 @@ class TokenizerConfig(Section):
         description="Corpus megabytes per tokenize shard (one task per shard); changes parallelism, not the tokens.",
     )
 
+    _pretrained = field_validator("pretrained")(_local_name)
+
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 128},
@@ -316,6 +376,8 @@ class ModelConfig(Section):
         "building from config; it needs tokenizer.pretrained set to its own tokenizer. Named by its files' content."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from init_from (off: safer).")
+
+    _init_from = field_validator("init_from")(_local_name)
 
     @model_validator(mode="before")
     @classmethod
@@ -476,6 +538,8 @@ class FinetuneConfig(TrainConfig):
         True, description="Keep the weights of the validation pass with the best macro-F1, not the last step's.",
     )
 
+    _init_from = field_validator("init_from")(_local_name)
+
 
 class EvaluateConfig(Section):
     """Evaluation settings."""
@@ -493,6 +557,8 @@ class EvaluateConfig(Section):
     lm_heldout_max_tokens: int | None = Field(
         200_000, ge=1, description="Score at most this many tokens of each held-out file (null: all of it).",
     )
+
+    _paths = field_validator("lm_heldout_paths")(_local_paths)
 
 
 class RegistryConfig(Section):
@@ -572,7 +638,8 @@ class PipelineConfig(Section):
     """Everything one pipeline run needs; defaults are the quickstart."""
 
     seed: int = Field(0, ge=0, description="Seed for data generation, splits, initialisation and batch order.")
-    workspace: str = Field(".llmpipe", description="Folder for content-addressed artifacts and Prefect's home.")
+    workspace: str = Field(".llmpipe", validate_default=True, description="Folder for content-addressed artifacts "
+                           "and Prefect's home (made absolute against the working directory, links resolved).")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig, description="Pretraining corpus.")
     labeled: LabeledConfig = Field(default_factory=LabeledConfig, description="Labeled data for fine-tuning.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
@@ -582,6 +649,8 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Runtime.")
+
+    _workspace = field_validator("workspace")(local_path)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

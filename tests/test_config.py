@@ -51,7 +51,28 @@ def test_defaults_are_valid_and_consistent() -> None:
     assert cfg.finetune.max_length <= cfg.model.n_positions
     assert cfg.model.n_embd % cfg.model.n_head == 0
     assert cfg.tokenizer.vocab_size >= 258
-    assert cfg.workspace == ".llmpipe"
+    assert cfg.workspace == str(Path.cwd().resolve() / ".llmpipe")  # normalised once, when validated
+
+
+def test_every_local_path_is_normalised_once_expanded_absolute_and_resolved(tmp_path, monkeypatch) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("tiny", [
+        "workspace=~/ws", "corpus.sources=[{kind: files, paths: ['link/*.txt', 'link/../data/a.txt']}, "
+        "{kind: hub, name: json, data_files: [link/b.jsonl, 'https://203.0.113.9/c.csv']}, {kind: hub, name: imdb}]",
+        "labeled.source={kind: files, train: ./link/t.csv}", "tokenizer.pretrained=./link", "finetune.init_from=gpt2",
+        "evaluate.lm_heldout_paths=[~/link/v.txt]"])
+    data = str(tmp_path.resolve() / "data")
+    assert cfg.workspace == str(tmp_path.resolve() / "ws")  # checked and written as the same folder
+    assert cfg.corpus.sources[0].paths == [f"{data}/*.txt", f"{data}/a.txt"]
+    assert cfg.corpus.sources[1].name == "json"  # a builder's name is no path
+    assert cfg.corpus.sources[1].data_files == [f"{data}/b.jsonl", "https://203.0.113.9/c.csv"]
+    assert cfg.corpus.sources[2].name == "imdb" and cfg.finetune.init_from == "gpt2"  # Hub names stay names
+    assert cfg.labeled.source.train == f"{data}/t.csv" and cfg.tokenizer.pretrained == data
+    assert cfg.evaluate.lm_heldout_paths == [f"{data}/v.txt"]
+    assert load_config(None, [f"workspace={cfg.workspace}"]).workspace == cfg.workspace  # idempotent
 
 
 def test_quickstart_preset_equals_defaults() -> None:
@@ -61,7 +82,8 @@ def test_quickstart_preset_equals_defaults() -> None:
     assert load_config(str(path)) == PipelineConfig()
     # The preset spells out every default, so it is a complete record of the quickstart.
     spelled = yaml.safe_load(path.read_text(encoding="utf-8"))
-    assert spelled == PipelineConfig().model_dump(mode="json")
+    assert PipelineConfig.model_validate(spelled).model_dump(mode="json") == PipelineConfig().model_dump(mode="json")
+    assert spelled["workspace"] == ".llmpipe"  # as written; validated, it is the absolute folder
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
@@ -97,7 +119,7 @@ def test_overrides_apply_on_top_of_a_preset_and_last_one_wins() -> None:
     ("dotted", "raw", "expected"),
     [
         ("seed", "7", 7),
-        ("workspace", "runs/ws-a", "runs/ws-a"),
+        ("workspace", "runs/ws-a", str(Path.cwd().resolve() / "runs/ws-a")),
         ("tokenizer.vocab_size", "512", 512),
         ("pretrain.max_steps", "42", 42),
         ("pretrain.lr", "0.0005", 0.0005),
@@ -229,7 +251,7 @@ def test_flatten_gives_dotted_scalar_keys() -> None:
     assert flat["model.n_layer"] == cfg.model.n_layer
     assert flat["registry.model_name"] == "llmpipe-sentiment"
     assert flat["seed"] == 0
-    assert flat["corpus.sources"][0]["paths"] == ["a.txt", "b.txt"]  # lists are leaves, not expanded
+    assert flat["corpus.sources"][0]["paths"] == [str(Path.cwd().resolve() / n) for n in ("a.txt", "b.txt")]  # leaves
     assert not any(isinstance(v, dict) for v in flat.values())
     # A plain dict flattens the same way, with a prefix.
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": None}, "p.") == {"p.a.b": 1, "p.a.c.d": "x", "p.e": None}
@@ -241,7 +263,7 @@ def test_flatten_gives_dotted_scalar_keys() -> None:
 @pytest.mark.parametrize(("dotted", "raw"), [("registry.model_name", "2024"), ("workspace", "off")])
 def test_set_string_field_to_number_like_value(dotted: str, raw: str) -> None:
     cfg = load_config(None, [f"{dotted}={raw}"])
-    assert flatten(cfg)[dotted] == raw
+    assert Path(flatten(cfg)[dotted]).name == raw
 
 
 def test_every_cross_field_problem_is_named_at_once() -> None:
