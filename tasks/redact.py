@@ -2,7 +2,8 @@
 the messages of errors about input data.
 
 ``redact`` masks secrets in a string; ``excerpt`` is the one way an error message shows part of an input value
-(redacted, and at most a few dozen characters); ``redact_exception`` rewrites an exception's message in place.
+(redacted, and at most a few dozen characters, or nothing at all where ``tasks.confine.may_quote`` says the run may
+not quote what it read); ``redact_exception`` rewrites an exception's message in place.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tasks.confine import may_quote
+
 MASK = "***"
+NOT_SHOWN = "(not shown)"  # what stands for data a run created through the API may not have quoted back
 EXCERPT_CHARS = 40  # the most of an input value (a cell, a label, a line) an error message shows
 LIBRARY_MESSAGE_CHARS = 120  # the most of a library's exception text (csv, json, pyarrow, datasets) one shows
 
@@ -90,8 +94,10 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS, quote: bool = True) -> str:
     Secrets are masked first (on a bounded head of the text, so a huge cell costs nothing), then the text is cut
     to ``limit`` characters, with '…' when something was cut. ``quote``: shown as a Python string literal
     (newlines and control characters escaped), for values from the data; otherwise whitespace runs become one
-    space, for names and library messages embedded in a sentence.
+    space, for names and library messages embedded in a sentence. ``NOT_SHOWN`` when the run may not quote data.
     """
+    if not may_quote():
+        return NOT_SHOWN
     text = value if isinstance(value, str) else str(value)
     head = redact(text[: 8 * limit + 256])
     if not quote:

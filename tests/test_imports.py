@@ -17,7 +17,7 @@ from tests.support import REPO
 
 # tasks/ from the bottom up: a module may import only modules listed before it.
 TASKS_LAYERS = [
-    ("base", ["errors", "redact", "artifacts", "config", "sample_data"]),
+    ("base", ["errors", "confine", "redact", "artifacts", "config", "sample_data"]),
     ("shared parts", ["interrupts", "faults", "sources", "encoding", "checkpoints", "curves", "kernels", "metrics", "resume", "training",
                       "distributed", "classifier", "tracking"]),
     ("stages", ["ingest", "tokenize", "pretrain", "finetune", "evaluate", "predict", "gate", "registry"]),
