@@ -129,6 +129,8 @@ def open_file(path: str | Path, field: str) -> BinaryIO:
             return open(path, "rb")
         except FileNotFoundError:
             raise DataError(f"{field}: file not found: {path}") from None
+        except IsADirectoryError:
+            raise DataError(f"{field}: {path} is a folder, not a file") from None
     text = os.fspath(path)
     root, parts = _below_root(text, field, c)
     if not parts:

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks import sample_data
-from tasks.artifacts import CorpusRef, LabeledRef, Workspace, file_sha256, fingerprint, write_json
+from tasks.artifacts import CorpusRef, LabeledRef, Workspace, fingerprint, write_json
 from tasks.config import CorpusConfig, LabeledConfig, LabeledHub
 from tasks.errors import ConfigError, DataError
 from tasks.redact import excerpt
 from tasks.sources import (
     Utf8Policy,
+    file_digest,
     file_format,
     frame_fingerprint,
     frame_rows,
@@ -274,10 +275,9 @@ class _LabeledReader:
 def _read_table(path: Path, cfg: LabeledConfig, has_header: bool, reader: _LabeledReader,
                 split: str) -> list[dict[str, Any]]:
     """Labeled rows of a CSV, TSV, JSONL, JSON or Parquet file."""
-    if not path.is_file():
-        raise DataError(f"labeled data file not found: {path}")
-    fmt = file_format(path, default="sniff")
-    rows = table_rows(path, fmt, [*cfg.text_columns, cfg.label_column], Utf8Policy("fail"), has_header)
+    field = f"labeled.source.{split}"
+    fmt = file_format(path, default="sniff", field=field)
+    rows = table_rows(path, fmt, [*cfg.text_columns, cfg.label_column], Utf8Policy("fail"), has_header, field)
     return reader.rows(str(path), rows, split)
 
 
@@ -325,12 +325,9 @@ def _labeled_identity(cfg: LabeledConfig, seed: int, frames: Mapping[str, Any] |
         return {"sample": sample_data.VERSION, "seed": seed, "train": src.train_rows, "eval": src.eval_rows}, None
     if src.kind == "files":
         paths = {s: getattr(src, s) for s in SPLITS if getattr(src, s)}
-        for split, p in paths.items():
-            if not Path(p).is_file():
-                raise DataError(f"labeled.source.{split}: file not found: {p}")
-        return [(s, p, file_sha256(Path(p))) for s, p in paths.items()], None
+        return [(s, p, file_digest(Path(p), f"labeled.source.{s}")) for s, p in paths.items()], None
     if src.kind == "hub":
-        available = hub_dataset_splits(src.name, src.config, src.revision)
+        available = hub_dataset_splits(src.name, src.config, src.revision, field="labeled.source")
         names = _hub_splits(src)
         chosen = {s: available[name] for s, name in names.items() if name and name in available}
         label = f"dataset {src.name!r}"

@@ -11,12 +11,16 @@ Tables are strict: every CSV/TSV record has the header's number of fields (the f
 header), a quoted CSV field must close, and every JSONL row and JSON item has the needed keys. Whoever
 starts a run may not be whoever may read the data, so messages never quote the data: a value, a column
 name or a library's error text appears only as ``excerpt``'s short, redacted excerpt.
+
+Every local file is opened through ``tasks.confine`` (``open_file``, ``glob_files``, ``data_folder_files``): for a
+run created through the API, only inside the operator's data folders and never through a link. A local dataset
+folder is read here, not by ``datasets.load_dataset``: a ``save_to_disk`` folder by its ``state.json`` (plain file
+names only), a folder of data files by split as ``datasets`` would choose them, but never by its README.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import json
 import sys
@@ -26,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks import sample_data
-from tasks.artifacts import file_sha256
-from tasks.errors import ConfigError, DataError
+from tasks.config import is_local, is_url
+from tasks.confine import data_folder_files, glob_files, open_file
+from tasks.errors import ConfigError, DataError, PolicyError
 from tasks.redact import LIBRARY_MESSAGE_CHARS, excerpt
 
 BOM = b"\xef\xbb\xbf"
@@ -62,18 +67,20 @@ class Utf8Policy:
             return data.decode("utf-8", errors="replace")
 
 
-def read_lines(path: Path, utf8: Utf8Policy) -> Iterator[tuple[int, str]]:
-    """``(line number, line with its line ending)`` of a UTF-8 file; a leading byte-order mark is dropped."""
+def read_lines(path: Path, utf8: Utf8Policy, field: str = "input") -> Iterator[tuple[int, str]]:
+    """``(line number, line with its line ending)`` of a UTF-8 file; a leading byte-order mark is dropped.
+    ``field``: the config field that named the file, for ``open_file``'s refusals."""
     offset = 0
-    with open(path, "rb") as f:
+    with open_file(path, field) as f:
         for number, raw in enumerate(f, start=1):
             skip = 3 if number == 1 and raw.startswith(BOM) else 0
             yield number, utf8.decode(raw[skip:], path, offset + skip)
             offset += len(raw)
 
 
-def read_text(path: Path, utf8: Utf8Policy) -> str:
-    data = path.read_bytes()
+def read_text(path: Path, utf8: Utf8Policy, field: str = "input") -> str:
+    with open_file(path, field) as f:
+        data = f.read()
     skip = 3 if data.startswith(BOM) else 0
     return utf8.decode(data[skip:], path, skip)
 
@@ -82,32 +89,25 @@ def read_text(path: Path, utf8: Utf8Policy) -> str:
 
 
 def expand(patterns: list[str], field: str) -> list[Path]:
-    """Files named by paths or glob patterns; an existing path is literal even when it holds [ ] * or ?."""
-    files: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.exists():
-            if not path.is_file():
-                raise DataError(f"{field}: {path} is not a file (use a glob such as {path / '*.txt'})")
-            files.append(path)
-        elif glob.has_magic(pattern):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
-            if not matches:
-                raise DataError(f"{field}: pattern {pattern!r} matches no file")
-            files += matches
-        else:
-            raise DataError(f"{field}: file not found: {pattern}")
-    return files
+    """Files named by paths or glob patterns (``confine.glob_files``); an existing path is literal even when it
+    holds [ ] * or ?."""
+    return [path for pattern in patterns for path in glob_files(pattern, field)]
 
 
-def file_format(path: Path, declared: str = "auto", default: str = "txt") -> str:
+def file_digest(path: Path, field: str) -> str:
+    """The SHA-256 of a file's bytes, read through ``open_file``."""
+    with open_file(path, field) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_format(path: Path, declared: str = "auto", default: str = "txt", field: str = "input") -> str:
     if declared != "auto":
         return declared
     fmt = FORMATS.get(path.suffix.lower())
     if fmt:
         return fmt
     if default == "sniff":  # a labeled file without a known suffix: tab-separated if its first line has a tab
-        with open(path, "rb") as f:
+        with open_file(path, field) as f:
             return "tsv" if b"\t" in f.readline() else "csv"
     return default
 
@@ -134,14 +134,14 @@ def _require(name: str, need: list[str], present: list[str]) -> None:
             raise missing_column(name, column, present)
 
 
-def _csv_records(path: Path, fmt: str, utf8: Utf8Policy) -> Iterator[tuple[int, list[str]]]:
+def _csv_records(path: Path, fmt: str, utf8: Utf8Policy, field: str) -> Iterator[tuple[int, list[str]]]:
     """``(first line number, fields)`` per record; blank lines are skipped, quoted CSV fields may span lines.
 
     TSV fields are taken verbatim (no quoting), as in GLUE's and UCI's tab-separated sets. CSV is read with
     ``strict=True``: a quoted field that never closes (it would swallow the rest of the file) or text after a
     closing quote is an error naming the line where the record starts.
     """
-    lines = (line for _, line in read_lines(path, utf8))
+    lines = (line for _, line in read_lines(path, utf8, field))
     if fmt == "tsv":
         reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
     else:
@@ -170,8 +170,9 @@ def _csv_error(path: Path, fmt: str, start: int, at: int, exc: csv.Error) -> Dat
     return DataError(f"{path}: line {start}: not valid {fmt.upper()} ({library_message(exc)})")
 
 
-def _csv_rows(path: Path, fmt: str, has_header: bool, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
-    records = _csv_records(path, fmt, utf8)
+def _csv_rows(path: Path, fmt: str, has_header: bool, need: list[str], utf8: Utf8Policy,
+              field: str) -> Iterator[Row]:
+    records = _csv_records(path, fmt, utf8, field)
     first = next(records, None)
     if first is None:
         raise DataError(f"{path}: empty file")
@@ -205,9 +206,9 @@ def _chain_first(first: Any, rest: Iterator) -> Iterator:
     yield from rest
 
 
-def _jsonl_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
+def _jsonl_rows(path: Path, need: list[str], utf8: Utf8Policy, field: str) -> Iterator[Row]:
     needed = frozenset(need)
-    for number, line in read_lines(path, utf8):
+    for number, line in read_lines(path, utf8, field):
         if not line.strip():
             continue
         try:
@@ -226,9 +227,9 @@ def _missing_key(where: str, need: list[str], row: dict) -> DataError:
     return missing_column(where, next(c for c in need if c not in row), list(row))
 
 
-def _json_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
+def _json_rows(path: Path, need: list[str], utf8: Utf8Policy, field: str) -> Iterator[Row]:
     try:
-        data = json.loads(read_text(path, utf8))
+        data = json.loads(read_text(path, utf8, field))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({library_message(exc.msg)} at line {exc.lineno}, "
                         f"column {exc.colno})") from None
@@ -243,41 +244,48 @@ def _json_rows(path: Path, need: list[str], utf8: Utf8Policy) -> Iterator[Row]:
         yield f"item {i}", row
 
 
-def _parquet_rows(path: Path, need: list[str]) -> Iterator[Row]:
+def _parquet_file(f: Any, path: Path) -> Any:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises its own error types for a file that is not Parquet
         raise DataError(f"{path}: not a readable Parquet file ({library_message(exc)})") from None
-    _require(str(path), need, pf.schema_arrow.names)
-    i = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=need):
-        for row in batch.to_pylist():
-            yield f"row {i}", row
-            i += 1
 
 
-def table_rows(path: Path, fmt: str, need: list[str], utf8: Utf8Policy, has_header: bool = True) -> Iterator[Row]:
-    """Rows of a JSONL, JSON, CSV, TSV or Parquet file; the ``need``ed columns are checked before the first row."""
+def _parquet_rows(path: Path, need: list[str], field: str) -> Iterator[Row]:
+    with open_file(path, field) as f:
+        pf = _parquet_file(f, path)
+        _require(str(path), need, pf.schema_arrow.names)
+        i = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=need):
+            for row in batch.to_pylist():
+                yield f"row {i}", row
+                i += 1
+
+
+def table_rows(path: Path, fmt: str, need: list[str], utf8: Utf8Policy, has_header: bool = True,
+               field: str = "input") -> Iterator[Row]:
+    """Rows of a JSONL, JSON, CSV, TSV or Parquet file; the ``need``ed columns are checked before the first row.
+    ``field``: the config field that named the file, for ``open_file``'s refusals."""
     if fmt == "jsonl":
-        return _jsonl_rows(path, need, utf8)
+        return _jsonl_rows(path, need, utf8, field)
     if fmt == "json":
-        return _json_rows(path, need, utf8)
+        return _json_rows(path, need, utf8, field)
     if fmt in ("csv", "tsv"):
-        return _csv_rows(path, fmt, has_header, need, utf8)
+        return _csv_rows(path, fmt, has_header, need, utf8, field)
     if fmt == "parquet":
-        return _parquet_rows(path, need)
+        return _parquet_rows(path, need, field)
     raise ConfigError(f"{path}: format {fmt!r} is not a table (expected one of {', '.join(sorted(TABLE_FORMATS))})")
 
 
-def text_documents(path: Path, unit: str, utf8: Utf8Policy) -> Iterator[str]:
+def text_documents(path: Path, unit: str, utf8: Utf8Policy, field: str = "input") -> Iterator[str]:
     """Documents of a text file: the whole file, each line, or each blank-line-separated block of lines."""
     if unit == "file":
-        yield read_text(path, utf8)
+        yield read_text(path, utf8, field)
         return
     block: list[str] = []
-    for _, line in read_lines(path, utf8):
+    for _, line in read_lines(path, utf8, field):
         line = line.rstrip("\r\n")
         if unit == "line":
             yield line
@@ -305,29 +313,159 @@ def join_text(row: Mapping[str, Any], columns: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- datasets and frames
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+# Builder names whose local data files llmpipe reads, and the format each reads them in (json: _json_format).
+BUILDERS = {"json": None, "csv": "csv", "parquet": "parquet", "text": "txt", "arrow": "arrow"}
 
 
 def hub_dataset_splits(name: str, config: str | None = None, revision: str | None = None,
-                       data_files: Any = None) -> dict[str, Any]:
-    """All splits of a dataset, by split name: ``datasets.load_dataset`` (``load_from_disk`` for a saved folder)."""
+                       data_files: list[str] | None = None, field: str = "dataset") -> dict[str, Any]:
+    """All splits of a dataset, by split name, as ``datasets.Dataset``s.
+
+    A local folder (``save_to_disk``, or data files) and a builder name (json, csv, parquet, text, arrow) with
+    local ``data_files`` are read here, through ``tasks.confine``; a Hub name through ``datasets``, refused unless
+    every data file it resolves is on the Hub (``hf://``: its README may name others). Data files given as URLs go
+    to ``datasets`` with the builder named (the policy decides whether a run may name URLs). ``field``: the config
+    section (``corpus.sources[0]``), for messages.
+    """
     import datasets
 
     label = f"dataset {name!r}" + (f" (config {config!r})" if config else "")
+    urls = [f for f in data_files or [] if is_url(f)]
+    if urls and len(urls) != len(data_files or []):
+        raise ConfigError(f"{field}.data_files: give either local files or URLs, not both")
     try:
-        if _is_saved_dataset(Path(name)):
-            loaded = datasets.load_from_disk(name)
-            return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        loaded = datasets.load_dataset(name, config, revision=revision, data_files=data_files or None)
+        if name in BUILDERS and data_files and not urls:
+            paths = expand(data_files, f"{field}.data_files")
+            formats = {p: BUILDERS[name] or _json_format(p, f"{field}.data_files") for p in paths}
+            return {"train": _files_dataset(paths, formats, str, f"{field}.data_files")}
+        if name not in BUILDERS and is_local(name):
+            return _local_dataset(Path(name), f"{field}.name")
+        if name in BUILDERS:
+            return dict(datasets.load_dataset(name, config, data_files=data_files or None))
+        builder = datasets.load_dataset_builder(name, config, revision=revision, data_files=data_files or None)
+        elsewhere = [f for files in (builder.config.data_files or {}).values() for f in files
+                     if not str(f).startswith("hf://")]
+        if elsewhere:
+            raise PolicyError(f"{field}.name: {label} names {len(elsewhere)} data file(s) that are not on the Hugging "
+                              "Face Hub (hf://), in its README or data_files; local data files are read with the "
+                              f"builders {', '.join(BUILDERS)}, or as a local folder")
+        builder.download_and_prepare()
+        return dict(builder.as_dataset())
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as exc:
+        if isinstance(exc, ConfigError | DataError):
+            raise
         raise DataError(f"{label}: cannot be loaded ({library_message(exc)})") from None
     except ConnectionError as exc:  # retried, unless offline mode makes it permanent
         if datasets.config.HF_HUB_OFFLINE:
             raise DataError(f"{label}: not in the local cache, and offline mode is on "
                             f"({library_message(exc)})") from None
         raise
-    return dict(loaded)
+
+
+def _local_dataset(folder: Path, field: str) -> dict[str, Any]:
+    """A local folder's splits: written by ``save_to_disk`` (``dataset_dict.json`` or ``state.json``), else its data
+    files by split (``confine.data_folder_files``)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = _json_file(folder / "dataset_dict.json", field).get("splits")
+        if not isinstance(splits, list):
+            raise DataError(f"{folder / 'dataset_dict.json'}: no list of splits")
+        return {split: _saved_split(folder / _plain_name(split, folder / "dataset_dict.json", field), field)
+                for split in splits}
+    if (folder / "state.json").is_file():
+        return {"train": _saved_split(folder, field)}
+    splits = data_folder_files(folder, field)
+    formats = {p: _data_format(p, field) for files in splits.values() for p in files}
+    return {split: _files_dataset(files, formats, lambda p: p.relative_to(folder).as_posix(), field)
+            for split, files in splits.items()}
+
+
+def _plain_name(name: Any, where: Path, field: str) -> str:
+    """A file or folder name a saved dataset's metadata gives: one name inside the folder, nothing else."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise PolicyError(f"{field}: {where} names a file outside its folder (only plain file names are read)")
+    return name
+
+
+def _json_file(path: Path, field: str) -> dict[str, Any]:
+    with open_file(path, field) as f:
+        try:
+            data = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({library_message(exc)})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _saved_split(folder: Path, field: str) -> Any:
+    """One split written by ``save_to_disk``: its Arrow files (plain names from ``state.json``), its features from
+    ``dataset_info.json`` (ClassLabel names kept) and its fingerprint."""
+    import datasets
+    import pyarrow as pa
+
+    state = _json_file(folder / "state.json", field)
+    entries = state.get("_data_files")
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{folder / 'state.json'}: no _data_files")
+    names = [_plain_name(e.get("filename") if isinstance(e, dict) else None, folder / "state.json", field)
+             for e in entries]
+    table = pa.concat_tables([_arrow_table(folder / n, field) for n in names])
+    info = datasets.DatasetInfo.from_dict(_json_file(folder / "dataset_info.json", field))
+    return datasets.Dataset(table, info=info, fingerprint=state.get("_fingerprint"))
+
+
+def _arrow_table(path: Path, field: str) -> Any:
+    import pyarrow as pa
+
+    with open_file(path, field) as f:
+        try:
+            return pa.ipc.open_stream(f).read_all()
+        except pa.ArrowException as exc:
+            raise DataError(f"{path}: not an Arrow stream file ({library_message(exc)})") from None
+
+
+def _data_format(path: Path, field: str) -> str:
+    """A dataset folder's data file's format, by suffix."""
+    fmt = FORMATS.get(path.suffix.lower()) or path.suffix.lower().lstrip(".")  # txt, arrow
+    return _json_format(path, field) if fmt == "json" else fmt
+
+
+def _json_format(path: Path, field: str) -> str:
+    """'json' for a file that holds a JSON array, else 'jsonl': ``datasets``' json builder reads either."""
+    with open_file(path, field) as f:
+        head = f.read(4096).lstrip(BOM).lstrip()
+    return "json" if head.startswith(b"[") else "jsonl"
+
+
+def _files_dataset(files: list[Path], formats: dict[Path, str], name: Any, field: str) -> Any:
+    """One split from data files read by llmpipe's own readers, named by each file's ``name(path)`` and SHA-256: a
+    text file gives a 'text' column of its lines, as ``datasets``' text builder does."""
+    import datasets
+    import pyarrow as pa
+
+    tables = []
+    for path in files:
+        fmt = formats[path]
+        if fmt == "parquet":
+            with open_file(path, field) as f:
+                tables.append(_parquet_file(f, path).read())
+        elif fmt == "arrow":
+            tables.append(_arrow_table(path, field))
+        elif fmt == "txt":
+            tables.append(pa.table({"text": list(text_documents(path, "line", Utf8Policy(), field))}))
+        else:
+            rows = [dict(row) for _, row in table_rows(path, fmt, [], Utf8Policy(), True, field)]
+            try:
+                tables.append(pa.Table.from_pylist(rows))
+            except pa.ArrowException as exc:
+                raise DataError(f"{path}: a column holds values of several types ({library_message(exc)})") from None
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as exc:
+        raise DataError(f"{field}: the files of one split do not share columns of one type "
+                        f"({library_message(exc)})") from None
+    identity = [(name(p), file_digest(p, field)) for p in files]
+    return datasets.Dataset(table, fingerprint=hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16])
 
 
 def hub_rows(ds: Any, need: list[str], name: str) -> Iterator[Row]:
@@ -371,7 +509,7 @@ def check_files(cfg: Any, field: str) -> list[tuple[Path, str]]:
     files = [(p, file_format(p, cfg.format)) for p in expand(cfg.paths, f"{field}.paths")]
     for path, fmt in files:
         if fmt in TABLE_FORMATS:
-            next(table_rows(path, fmt, cfg.text_columns, Utf8Policy("replace"), cfg.has_header), None)
+            next(table_rows(path, fmt, cfg.text_columns, Utf8Policy("replace"), cfg.has_header, f"{field}.paths"), None)
     return files
 
 
@@ -391,15 +529,15 @@ def open_corpus_source(index: int, cfg: Any, seed: int, frames: Mapping[str, Any
         def documents() -> Iterator[str]:
             for path, fmt in files:
                 if fmt == "txt":
-                    yield from text_documents(path, cfg.text_unit, utf8)
+                    yield from text_documents(path, cfg.text_unit, utf8, f"{field}.paths")
                 else:
-                    for _, row in table_rows(path, fmt, cfg.text_columns, utf8, cfg.has_header):
+                    for _, row in table_rows(path, fmt, cfg.text_columns, utf8, cfg.has_header, f"{field}.paths"):
                         yield join_text(row, cfg.text_columns)
 
         label = ", ".join(str(p) for p, _ in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        return CorpusSource(label, [(str(p), file_sha256(p)) for p, _ in files], documents)
+        return CorpusSource(label, [(str(p), file_digest(p, f"{field}.paths")) for p, _ in files], documents)
     if cfg.kind == "hub":
-        splits = hub_dataset_splits(cfg.name, cfg.config, cfg.revision, cfg.data_files)
+        splits = hub_dataset_splits(cfg.name, cfg.config, cfg.revision, cfg.data_files, field)
         label = f"dataset {cfg.name!r}" + (f" ({cfg.config})" if cfg.config else "") + f" split {cfg.split!r}"
         if cfg.split not in splits:
             raise DataError(f"{field}: {label}: no such split; splits present: {names_excerpt(splits)}")
