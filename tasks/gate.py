@@ -4,6 +4,12 @@ The statistics (``compare``) and the decision for a registered version: whether 
 held-out rows (``quality_floor``), then the current champion (``against_champion``, which loads the champion from
 the registry and scores it here). Moving the aliases is the registry's (``tasks.registry``).
 
+A registered version is scored only through ``version_ids``: only llmpipe's own classifiers (its lineage tags, the
+transformers flavor, safetensors weights, no pickle or code file, no ``auto_map``), loaded by transformers alone,
+never by MLflow's pyfunc, which would unpickle and run whatever the version holds. A champion that fails a check
+is not loaded, and the candidate is "not comparable". A champion registered with another test set must be beaten
+on that one too.
+
 A new version takes the champion alias only if, on the same held-out rows, its metric is higher than
 the champion's by more than a margin *and* a paired significance test says the improvement is
 unlikely to be chance (p < alpha). Two tests are offered:
@@ -16,22 +22,38 @@ unlikely to be chance (p < alpha). Two tests are offered:
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tasks.artifacts import LabeledRef
+from tasks.classifier import encode_texts, predict_proba
 from tasks.config import RegistryConfig
-from tasks.errors import DataError
+from tasks.errors import DataError, LlmpipeError
 from tasks.evaluate import baseline_predictions
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import SCORES
-from tasks.predict import predict_labels
+from tasks.predict import MODEL_WORK
+from tasks.tracking import FP_TAG, mlflow_client
 
 # The significance level of the quality floor: a version must beat the baselines at least this clearly before it can
 # become champion. Fixed here, not a run parameter, so that no run can loosen it.
 FLOOR_ALPHA = 0.05
+
+TEST_SET_TAG = "llmpipe.test_set"  # the fingerprint of the labeled data a version was tested on
+# The tags llmpipe's registration sets and the gate requires before it loads a version.
+LINEAGE_TAGS = (FP_TAG, TEST_SET_TAG, "llmpipe.version")
+# Files that run code when loaded: pickles (torch's .bin/.pt/.pth/.ckpt, joblib, MLflow's python_model.pkl)
+# and Python sources.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+
+
+class Refused(LlmpipeError):
+    """A registered version the gate does not load; the message names the check it failed."""
 
 
 def mcnemar_p(candidate_correct: np.ndarray, champion_correct: np.ndarray) -> tuple[float, dict[str, int]]:
@@ -79,6 +101,7 @@ class GateResult:
     rows: int = 0
     champion_version: int | None = None
     details: dict[str, int] | None = None
+    test_sets: str | None = None  # the fingerprints of the test sets the decision used, comma-separated
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,10 +166,79 @@ def held_out_split(labeled: LabeledRef) -> tuple[list[str], list[int], dict[str,
     return [r["text"] for r in rows], [int(r["label"]) for r in rows], label2id
 
 
+def _names(paths: list[Path], root: Path) -> str:
+    return ", ".join(sorted(str(p.relative_to(root)) for p in paths)[:5]) + (" ..." if len(paths) > 5 else "")
+
+
+def vetted_files(mv, dst: Path) -> tuple[Path, Path, int | None]:
+    """Download registered version ``mv``'s model files into ``dst`` and check them: llmpipe's lineage tags, the
+    transformers flavor, safetensors weights, no pickle or code file anywhere, no ``auto_map`` (custom code) in the
+    model's or the tokenizer's config. Returns the model and tokenizer folders and the max length the version was
+    registered with (None if not recorded); ``Refused`` names the check that failed, never a file's content."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    who = f"version {mv.version} of {mv.name}"
+    missing = [tag for tag in LINEAGE_TAGS if not (mv.tags or {}).get(tag)]
+    if missing:
+        raise Refused(f"{who} carries no llmpipe lineage ({', '.join(missing)})")
+    root = Path(download_artifacts(artifact_uri=mv.source, dst_path=str(dst))).resolve()
+    files = list(root.rglob("*"))
+    if pickles := [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]:
+        raise Refused(f"{who} has pickle files ({_names(pickles, root)})")
+    if code := [p for p in files if p.suffix.lower() == ".py"]:
+        raise Refused(f"{who} has code files ({_names(code, root)})")
+    try:
+        flavors = yaml.safe_load((root / "MLmodel").read_text())["flavors"]
+        flavor = flavors["transformers"]
+        model_dir = (root / str(flavor.get("model_binary"))).resolve()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        raise Refused(f"{who} is not a model of the transformers flavor") from None
+    if not model_dir.is_relative_to(root) or not list(model_dir.glob("*.safetensors")):
+        raise Refused(f"{who} has no safetensors weights")
+    tokenizer_dir = root / "components" / "tokenizer"
+    for config in (model_dir / "config.json", tokenizer_dir / "tokenizer_config.json"):
+        try:
+            custom = "auto_map" in json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            raise Refused(f"{who} has no readable {config.relative_to(root)}") from None
+        if custom:
+            raise Refused(f"{who} names custom code (auto_map in {config.relative_to(root)})")
+    inference = (flavors.get("python_function") or {}).get("config") or {}
+    max_length = inference.get("max_length") if isinstance(inference, dict) else None
+    return model_dir, tokenizer_dir, max_length if type(max_length) is int and max_length > 0 else None
+
+
+def version_ids(name: str, version: int, sets: list[LabeledRef], who: str) -> list[np.ndarray]:
+    """Registered version ``version``'s predictions on the held-out rows of each of ``sets``, as label ids.
+
+    Loaded only once ``vetted_files`` passes it, and only by transformers (safetensors, no remote code, no
+    download), scored as the evaluation scores a checkpoint, truncated as registered."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    mv = mlflow_client().get_model_version(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="llmpipe-gate-") as tmp:
+        model_dir, tokenizer_dir, max_length = vetted_files(mv, Path(tmp))
+        with MODEL_WORK:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), use_safetensors=True, trust_remote_code=False, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False,
+                                                      local_files_only=True)
+            if tokenizer.pad_token_id is None:
+                raise Refused(f"version {version} of {name} has no pad token")
+            out = []
+            for labeled in sets:
+                texts, _, label2id = held_out_split(labeled)
+                seqs = encode_texts(tokenizer, texts, max_length or tokenizer.model_max_length)
+                predicted = predict_proba(model, seqs, tokenizer.pad_token_id).argmax(axis=1)
+                out.append(label_ids([str(model.config.id2label[int(i)]) for i in predicted], label2id, who))
+    return out
+
+
 def candidate_ids(name: str, version: int, labeled: LabeledRef) -> np.ndarray:
-    """Registered version ``version``'s predictions on the held-out rows, as label ids."""
-    texts, _, label2id = held_out_split(labeled)
-    return label_ids(predict_labels(f"models:/{name}/{version}", texts), label2id, f"version {version}")
+    """Registered version ``version``'s predictions on the held-out rows, as label ids (``Refused`` when it is not
+    a version the gate loads)."""
+    return version_ids(name, version, [labeled], f"version {version}")[0]
 
 
 def quality_floor(reg: RegistryConfig, labeled: LabeledRef, candidate: np.ndarray,
@@ -176,20 +268,48 @@ def quality_floor(reg: RegistryConfig, labeled: LabeledRef, candidate: np.ndarra
 
 
 def against_champion(reg: RegistryConfig, name: str, version: int, champion: Any, labeled: LabeledRef,
-                     candidate: np.ndarray, seed: int = 0) -> GateResult:
+                     candidate: np.ndarray, seed: int = 0, champion_set: LabeledRef | None = None) -> GateResult:
     """Compare ``version``'s test predictions ``candidate`` with those of ``champion`` (the model version holding
-    the champion alias, or None), loaded from the registry and scored here on the same rows; decide."""
+    the champion alias, or None), loaded from the registry and scored here on the same rows; decide.
+
+    A champion registered with another test set must also be beaten on that set: ``champion_set``, found in the
+    candidate's workspace (None when it is not there: the two are not comparable)."""
     common = {"metric": reg.metric, "test": reg.significance_test, "alpha": reg.alpha, "margin": reg.margin}
     if champion is None:
-        return GateResult(promote=True, reason=f"no {reg.champion_alias} yet", **common)
-    if int(champion.version) == version:
-        return GateResult(promote=True, reason=f"already {reg.champion_alias}", champion_version=version, **common)
-    texts, y_true, label2id = held_out_split(labeled)
+        return GateResult(promote=True, reason=f"no {reg.champion_alias} yet", test_sets=labeled.fingerprint,
+                          **common)
+    champion_version = int(champion.version)
+    if champion_version == version:
+        return GateResult(promote=True, reason=f"already {reg.champion_alias}", champion_version=version,
+                          test_sets=labeled.fingerprint, **common)
+    texts, _, label2id = held_out_split(labeled)
+
+    def not_comparable(why: Any) -> GateResult:
+        return GateResult(promote=False, reason=f"not comparable: {why}", rows=len(texts),
+                          champion_version=champion_version, **common)
+
+    sets = [labeled]
+    theirs = (champion.tags or {}).get(TEST_SET_TAG)
+    if theirs and theirs != labeled.fingerprint:
+        if champion_set is None:
+            return not_comparable(f"version {champion_version} was tested on labeled/{theirs}, which is not in the "
+                                  f"workspace {labeled.dir.parent.parent}")
+        if held_out_split(champion_set)[2] != label2id:
+            return not_comparable(f"version {champion_version} was tested on labeled/{theirs}, whose labels differ "
+                                  f"from those of labeled/{labeled.fingerprint}")
+        sets.append(champion_set)
     try:
-        champ = label_ids(predict_labels(f"models:/{name}/{champion.version}", texts), label2id,
-                          f"{reg.champion_alias} version {champion.version}")
-    except ValueError as exc:
-        return GateResult(promote=False, reason=f"not comparable: {exc}", rows=len(texts),
-                          champion_version=int(champion.version), **common)
-    return compare(np.array(y_true), candidate, champ, n_labels=len(label2id), samples=reg.bootstrap_samples,
-                   seed=seed, champion_version=int(champion.version), **common)
+        champ = version_ids(name, champion_version, sets, f"{reg.champion_alias} version {champion_version}")
+        cand = [candidate, *(version_ids(name, version, sets[1:], f"version {version}") if sets[1:] else [])]
+    except (Refused, ValueError) as exc:
+        return not_comparable(exc)
+    results = [compare(np.array(held_out_split(s)[1]), c, ch, n_labels=len(label2id), samples=reg.bootstrap_samples,
+                       seed=seed, champion_version=champion_version, **common)
+               for s, c, ch in zip(sets, cand, champ, strict=True)]
+    decided = next((r for r in results if not r.promote), results[-1])
+    if len(results) > 1:
+        decided.reason = "; ".join(f"on {what} labeled/{s.fingerprint}: {r.reason}" for what, s, r in
+                                   zip(("its own test set", f"version {champion_version}'s"), sets, results,
+                                       strict=True))
+    decided.test_sets = ",".join(s.fingerprint for s in sets)
+    return decided

@@ -70,10 +70,6 @@ def _predict(model_uri: str, texts: list[str]):
         return mlflow.pyfunc.load_model(model_uri).predict(texts)
 
 
-def predict_labels(model_uri: str, texts: list[str]) -> list[str]:
-    return [str(label) for label in _predict(model_uri, texts)["label"]]
-
-
 def read_texts(path: Path, column: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows and texts of a CSV, TSV or JSONL file; errors name the file, line and column.
 
