@@ -7,6 +7,8 @@ promote and rollback.
 - **Aliases.** A new classifier version gets no alias unless it beats the baselines (the quality floor); then it
   becomes champion only if it beats the current champion on the same held-out rows (``tasks.gate`` decides),
   otherwise challenger. ``promote`` and ``rollback`` are for people; the previous champions are remembered.
+  Every move of the champion alias is recorded on the registered model (``MOVES_TAG``), before it happens; the
+  challenger alias is never a champion alias, nor moved off a champion.
 
 Nothing here imports Prefect: Prefect identifiers arrive as a plain ``lineage`` dict of tags.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -27,6 +30,7 @@ from tasks import faults, gate
 from tasks.artifacts import MANIFEST, ArtifactRef, CheckpointRef, LabeledRef, ReportRef, fingerprint
 from tasks.config import PipelineConfig, RegistryConfig
 from tasks.errors import DataError, LlmpipeError
+from tasks.gate import TEST_SET_TAG
 from tasks.predict import MODEL_WORK, resolve_version
 from tasks.tracking import (
     FP_TAG,
@@ -43,9 +47,13 @@ from tasks.tracking import (
 
 log = logging.getLogger("llmpipe")
 
-TEST_SET_TAG = "llmpipe.test_set"
 DECISION_TAG = "llmpipe.gate.decision"
 HISTORY_TAG = "llmpipe.champion_history"
+# Every move of the champion alias, oldest first: {"alias", "from", "to", "at", "by", "run_id"}. The last
+# MAX_MOVES, fewer if they would not fit the 5000 characters database stores keep of a registered model's tag.
+MOVES_TAG = "llmpipe.champion_moves"
+MAX_MOVES = 100
+MAX_TAG_CHARS = 5000
 BELOW_FLOOR = "below-floor"
 EXAMPLE_TEXTS = ["a wonderful, moving film", "a dull and tedious mess"]
 
@@ -194,23 +202,88 @@ def champion_history(client, name: str) -> list[int]:
         return []
 
 
-def set_champion(client, name: str, version: int, champion_alias: str, challenger_alias: str) -> None:
-    """Move the champion alias to ``version``, remembering the previous champion for ``rollback``."""
-    current = alias_version(client, name, champion_alias)
-    if current is not None and int(current.version) != version:
-        history = (champion_history(client, name) + [int(current.version)])[-50:]
-        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def champion_moves(client, name: str) -> list[dict[str, Any]]:
+    """The recorded moves of ``name``'s champion alias, oldest first."""
+    try:
+        moves = json.loads(client.get_registered_model(name).tags.get(MOVES_TAG, "[]"))
+    except ValueError:
+        return []
+    return [m for m in moves if isinstance(m, dict)] if isinstance(moves, list) else []
+
+
+def _record_move(client, name: str, alias: str, old, new: int, by: str, run_id: str | None) -> None:
+    move = {"alias": alias, "from": None if old is None else int(old), "to": new, "at": _now(), "by": by,
+            "run_id": run_id}
+    moves = (champion_moves(client, name) + [move])[-MAX_MOVES:]
+    while len(json.dumps(moves, separators=(",", ":"))) > MAX_TAG_CHARS:
+        moves.pop(0)
+    client.set_registered_model_tag(name, MOVES_TAG, json.dumps(moves, separators=(",", ":")))
+
+
+def _check_aliases(client, name: str, champion_alias: str, challenger_alias: str) -> set[str]:
+    """The champion aliases of ``name`` (this one and every one recorded); refuses a challenger alias among them."""
+    if challenger_alias == champion_alias:
+        raise LlmpipeError(f"{name}: the challenger alias must differ from the champion alias (both "
+                           f"{champion_alias!r})")
+    champions = {champion_alias} | {str(m.get("alias")) for m in champion_moves(client, name)}
+    if challenger_alias in champions:
+        raise LlmpipeError(f"{name}: {challenger_alias!r} is a champion alias of this model; it cannot be the "
+                           "challenger alias")
+    return champions
+
+
+def _move_champion(client, name: str, version: int, current, champion_alias: str, challenger_alias: str, by: str,
+                   run_id: str | None) -> None:
+    """Record the move from ``current`` (a model version or None), then move the champion alias to ``version``,
+    which loses the challenger alias if it has it."""
+    _record_move(client, name, champion_alias, current and current.version, version, by, run_id)
     client.set_registered_model_alias(name, champion_alias, str(version))
     holder = alias_version(client, name, challenger_alias)
     if holder is not None and int(holder.version) == version:
         client.delete_registered_model_alias(name, challenger_alias)
 
 
-def decide_alias(client, reg: RegistryConfig, name: str, version: int, labeled: LabeledRef, seed: int = 0):
+def set_champion(client, name: str, version: int, champion_alias: str, challenger_alias: str, by: str,
+                 run_id: str | None = None) -> None:
+    """Move the champion alias to ``version``, recording the move (``by``: gate, promote) and remembering the
+    previous champion for ``rollback``."""
+    _check_aliases(client, name, champion_alias, challenger_alias)
+    current = alias_version(client, name, champion_alias)
+    if current is not None and int(current.version) == version:
+        return
+    if current is not None:
+        history = (champion_history(client, name) + [int(current.version)])[-50:]
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    _move_champion(client, name, version, current, champion_alias, challenger_alias, by, run_id)
+
+
+def set_challenger(client, name: str, version: int, champion_alias: str, challenger_alias: str) -> None:
+    """Give ``version`` the challenger alias; refused when that alias is a champion alias or points at a champion."""
+    champions = _check_aliases(client, name, champion_alias, challenger_alias)
+    holder = alias_version(client, name, challenger_alias)
+    if holder is not None and champions & set(holder.aliases or []):
+        raise LlmpipeError(f"{name}: alias {challenger_alias!r} points at version {holder.version}, which is "
+                           f"{' and '.join(sorted(champions & set(holder.aliases)))}; the gate does not move it")
+    client.set_registered_model_alias(name, challenger_alias, str(version))
+
+
+def _champion_test_set(champion, labeled: LabeledRef) -> LabeledRef | None:
+    """The champion's test set in the candidate's workspace, when it has another one and it is there."""
+    fp = (champion.tags or {}).get(TEST_SET_TAG) if champion is not None else None
+    return None if fp == labeled.fingerprint else _labeled_in(labeled.dir.parent.parent, fp)
+
+
+def decide_alias(client, reg: RegistryConfig, name: str, version: int, labeled: LabeledRef, seed: int = 0,
+                 run_id: str | None = None):
     """The quality floor, then the gate: returns ``(alias or None, gate result, floor result)``.
 
     A version that does not beat the floor gets no alias. One that does is compared with the champion, and the
-    alias moves; if the champion changes while we score, it is scored again against the new one.
+    alias moves (a move recorded with ``run_id``); if the champion changes while we score, it is scored again
+    against the new one.
     """
     candidate = gate.candidate_ids(name, version, labeled)
     floor, _ = gate.quality_floor(reg, labeled, candidate, seed)
@@ -218,17 +291,18 @@ def decide_alias(client, reg: RegistryConfig, name: str, version: int, labeled: 
         return None, floor, floor
     for _ in range(3):
         champion = alias_version(client, name, reg.champion_alias)
-        result = gate.against_champion(reg, name, version, champion, labeled, candidate, seed)
+        result = gate.against_champion(reg, name, version, champion, labeled, candidate, seed,
+                                       _champion_test_set(champion, labeled))
         if not result.promote:
-            client.set_registered_model_alias(name, reg.challenger_alias, str(version))
+            set_challenger(client, name, version, reg.champion_alias, reg.challenger_alias)
             return reg.challenger_alias, result, floor
         now = alias_version(client, name, reg.champion_alias)
         if (now and now.version) == (champion and champion.version):
-            set_champion(client, name, version, reg.champion_alias, reg.challenger_alias)
+            set_champion(client, name, version, reg.champion_alias, reg.challenger_alias, "gate", run_id)
             return reg.champion_alias, result, floor
     result = gate.GateResult(promote=False, reason=f"the {reg.champion_alias} kept changing while this version was "
                              "scored", metric=reg.metric, test=reg.significance_test, alpha=reg.alpha, margin=reg.margin)
-    client.set_registered_model_alias(name, reg.challenger_alias, str(version))
+    set_challenger(client, name, version, reg.champion_alias, reg.challenger_alias)
     return reg.challenger_alias, result, floor
 
 
@@ -240,16 +314,15 @@ def promote(name: str, version: int, champion_alias: str = "champion", challenge
     previous = alias_version(client, name, champion_alias)
     if previous is not None and int(previous.version) == version:
         return f"{name} version {version} is already {champion_alias}"
-    set_champion(client, name, version, champion_alias, challenger_alias)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    set_champion(client, name, version, champion_alias, challenger_alias, "promote")
     client.set_model_version_tag(name, mv.version, DECISION_TAG, champion_alias)
-    client.set_model_version_tag(name, mv.version, "llmpipe.alias_decision", f"{champion_alias}: {reason} at {stamp}")
+    client.set_model_version_tag(name, mv.version, "llmpipe.alias_decision", f"{champion_alias}: {reason} at {_now()}")
     was = f" (was version {previous.version})" if previous is not None else ""
     return f"{name} version {version} is now {champion_alias}{was}"
 
 
 def rollback(name: str, champion_alias: str = "champion", challenger_alias: str = "challenger") -> str:
-    """Give the champion alias back to the previous champion."""
+    """Give the champion alias back to the previous champion (the move is recorded like any other)."""
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client()
@@ -257,6 +330,7 @@ def rollback(name: str, champion_alias: str = "champion", challenger_alias: str 
         client.get_registered_model(name)
     except MlflowException:
         raise LlmpipeError(f"no registered model {name!r} at {tracking_uri()}") from None
+    _check_aliases(client, name, champion_alias, challenger_alias)
     current = alias_version(client, name, champion_alias)
     history = champion_history(client, name)
     while history:
@@ -267,9 +341,9 @@ def rollback(name: str, champion_alias: str = "champion", challenger_alias: str 
             client.get_model_version(name, str(target))
         except MlflowException:
             continue  # deleted since
-        client.set_registered_model_alias(name, champion_alias, str(target))
+        _move_champion(client, name, target, current, champion_alias, challenger_alias, "rollback", None)
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        stamp = _now()
         if current is not None:
             client.set_model_version_tag(name, current.version, DECISION_TAG, "rolled back")
             client.set_model_version_tag(name, current.version, "llmpipe.alias_decision",
@@ -374,7 +448,7 @@ def register_classifier(
                     below_floor=mv.tags.get(DECISION_TAG) == BELOW_FLOOR,
                     decision=f"identical model already registered as version {version} ({why})")
     faults.check("register", 1)  # LLMPIPE_FAULT=register:kill@1: the version exists, its alias is not decided
-    alias, result, floor = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed)
+    alias, result, floor = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed, run_id)
     for key, value in _gate_tags(alias, result, floor).items():
         client.set_model_version_tag(reg.model_name, str(version), key, value)
     gate_line = f"Gate: {alias} ({result.reason})." if alias else \
@@ -407,21 +481,30 @@ def _gate_tags(alias: str | None, result, floor) -> dict[str, str]:
 
 
 def _artifact(root: Path, kind: str, fp: str | None) -> ArtifactRef | None:
-    """A reference to a complete artifact of the workspace ``root``, if there is one."""
-    path = root / kind / str(fp)
-    if not fp or not (path / MANIFEST).is_file():
+    """A reference to a complete artifact of the workspace ``root``, if there is one (``fp`` a plain name, never a
+    path out of ``root/kind``)."""
+    if not fp or not re.fullmatch(r"[\w-]+", fp):
+        return None
+    path = root / kind / fp
+    if not (path / MANIFEST).is_file():
         return None
     meta = json.loads((path / MANIFEST).read_text()).get("meta", {})
     return ArtifactRef(kind=kind, fingerprint=fp, path=str(path), reused=True, meta=meta)
 
 
+def _labeled_in(root: Path, fp: str | None) -> LabeledRef | None:
+    """The labeled artifact ``fp`` of the workspace ``root``, if it is there."""
+    ref = _artifact(root, "labeled", fp)
+    return None if ref is None else LabeledRef(**ref.model_dump(exclude={"kind"}))
+
+
 def _labeled_of(classifier: CheckpointRef) -> LabeledRef:
     fp = (json.loads((classifier.dir / MANIFEST).read_text()).get("inputs") or {}).get("labeled")
-    ref = _artifact(classifier.dir.parent.parent, "labeled", fp)
+    ref = _labeled_in(classifier.dir.parent.parent, fp)
     if ref is None:
         raise DataError(f"{classifier.dir / MANIFEST}: cannot find the labeled data set this classifier was "
                         f"trained on (labeled/{fp}); pass it explicitly")
-    return LabeledRef(**ref.model_dump(exclude={"kind"}))
+    return ref
 
 
 def _report_metrics(cls_report: dict[str, Any], lm_report: dict[str, Any] | None) -> list:
