@@ -244,12 +244,13 @@ def _rows(models: Models, split: str) -> list[dict]:
     return [{"text": r["text"], "label": id2label[r["label"]]} for r in load_split(models.labeled, split)]
 
 
-def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_rollback(
+def test_gate_on_two_test_sets_refuses_worse_and_insignificant_then_promote_and_rollback(
         server, models, tmp_path, capsys) -> None:
     """Real models scored from the registry: the classifier A and its head-swapped twin S disagree on every row.
     Held-out sets of real rows, all of the class the majority baseline does not predict (so it scores 0), make A
     clearly better (20 vs 2 rows) or S better by one row (10 vs 9). The quality floor comes first: S with 2 right
-    rows does not beat the majority baseline significantly, and gets no alias."""
+    rows does not beat the majority baseline significantly, and gets no alias. A candidate tested on another set
+    than the champion must win on both: A, clearly better on its own set, is worse on the champion's."""
     from mlflow import MlflowClient
 
     name = "gate-model"
@@ -281,14 +282,18 @@ def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_r
     assert first.floor["candidate_score"] == pytest.approx(10 / 19) and first.floor["champion_score"] == 0
     assert first.floor["p_value"] < 0.05
 
+    # A wins clearly on its own set, but version 1 was tested on the close set, where A is worse by a row.
     better = submit("gate-a", False, clear)
-    assert better.version == 2 and champion() == 2 and better.aliases == ["champion"]
+    assert better.version == 2 and champion() == 1 and better.aliases == ["challenger"]
     g = better.gate
-    assert g["champion_version"] == 1 and g["candidate_score"] == pytest.approx(20 / 22)
-    assert g["champion_score"] == pytest.approx(2 / 22) and g["p_value"] < 0.05
+    assert g["champion_version"] == 1 and g["candidate_score"] == pytest.approx(9 / 19)
+    assert g["champion_score"] == pytest.approx(10 / 19) and g["test_sets"] == f"{clear.fingerprint},{close.fingerprint}"
+    assert f"on its own test set labeled/{clear.fingerprint}: significantly better" in better.decision
+    assert f"; on version 1's labeled/{close.fingerprint}: not better" in better.decision
     tags = client.get_model_version(name, "2").tags
-    assert tags["llmpipe.gate.decision"] == "champion" and float(tags["llmpipe.gate.p_value"]) < 0.05
-    assert "significantly better" in client.get_model_version(name, "2").description
+    assert tags["llmpipe.gate.decision"] == "challenger" and tags["llmpipe.gate.test_sets"] == g["test_sets"]
+    assert cli(["promote", name, "2"]) == 0  # people overrule the gate
+    assert champion() == 2 and "version 2 is now champion (was version 1)" in capsys.readouterr().out
 
     # 2 right rows against the majority baseline's none is no significant improvement: below the floor.
     worse = submit("gate-s2", True, clear)
@@ -317,3 +322,7 @@ def test_gate_promotes_better_refuses_worse_and_insignificant_then_promote_and_r
     assert f"{name}: no earlier champion recorded" in capsys.readouterr().err
     assert cli(["promote", name, "9"]) == 1
     assert "has no version 9" in capsys.readouterr().err
+    moves = registry.champion_moves(client, name)
+    assert [(m["from"], m["to"], m["by"]) for m in moves] == [
+        (None, 1, "gate"), (1, 2, "promote"), (2, 4, "promote"), (4, 2, "rollback"), (2, 1, "rollback")]
+    assert moves[0]["run_id"] == first.run_id
