@@ -1,5 +1,6 @@
 """Hugging Face checkpoints that a stage starts from (``model.init_from``, ``finetune.init_from``): where they
-are, and what names them in a fingerprint (their files' content, not the name they were given)."""
+are (a local folder through ``confine.staged``: for a run created through the API, a private copy of its checked
+files), and what names them in a fingerprint (their files' content, not the name they were given)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import file_sha256
+from tasks.confine import staged
 from tasks.errors import ConfigError
 
 
@@ -16,12 +18,13 @@ def is_local(name: str) -> bool:
 
 
 def local_dir(name: str, field: str) -> Path:
-    """The folder holding checkpoint ``name``: itself when local, else the Hub snapshot (downloaded once, cached)."""
+    """The folder holding checkpoint ``name``: itself when local (``confine.staged``), else the Hub snapshot
+    (downloaded once, cached)."""
     if is_local(name):
         path = Path(name).expanduser()
         if not path.is_dir():
             raise ConfigError(f"{field}={name}: no such directory")
-        return path
+        return staged(path, field)
     from huggingface_hub import snapshot_download
 
     try:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks import checkpoints
 from tasks.config import FinetuneConfig
 from tasks.errors import ConfigError
 
@@ -94,6 +95,14 @@ def check_source(init_from: str) -> None:
         raise ConfigError(f"finetune.init_from={init_from}: no such directory")
 
 
+def loadable(source: str | Path) -> str:
+    """The folder ``transformers`` loads ``source`` from: a checkpoint named in the config (``finetune.init_from``,
+    a string) through ``checkpoints.local_dir`` (a local folder through ``confine.staged``: for a run created through
+    the API, a private copy of its checked files; a Hub name, its snapshot); an artifact of the workspace (a
+    ``Path``) as it is."""
+    return str(checkpoints.local_dir(source, "finetune.init_from") if isinstance(source, str) else source)
+
+
 def _context_length(config: Any) -> int | None:
     for key in ("n_positions", "max_position_embeddings"):
         value = getattr(config, key, None)
@@ -106,7 +115,7 @@ def load_tokenizer(source: str | Path, cfg: FinetuneConfig):
     """The source's tokenizer, truncating as configured, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source), truncation_side=cfg.truncation_side,
+    tokenizer = AutoTokenizer.from_pretrained(loadable(source), truncation_side=cfg.truncation_side,
                                               model_max_length=cfg.max_length)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -147,10 +156,11 @@ def load_classifier(source: str | Path, id2label: dict[int, str], pad_id: int, m
     """
     from transformers import AutoModelForSequenceClassification
 
+    folder = loadable(source)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(source), num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        folder, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
         pad_token_id=pad_id, ignore_mismatched_sizes=True, output_loading_info=True,
-        **dropout_overrides(source, dropout),
+        **dropout_overrides(folder, dropout),
     )
     prefix = model.base_model_prefix
     missing = sorted(k for k in info.get("missing_keys", ()) if not is_head(k, prefix))

@@ -4,6 +4,7 @@ calibration beside a majority-class and a TF-IDF + logistic-regression baseline 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -17,20 +18,22 @@ from tasks.artifacts import (
     ReportRef,
     TokensRef,
     Workspace,
-    file_sha256,
     fingerprint,
     write_json,
 )
 from tasks.classifier import encode_texts, predict_proba
 from tasks.config import EvaluateConfig
+from tasks.confine import may_quote, open_file
 from tasks.errors import DataError
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import calibration, classification_metrics
+from tasks.redact import NOT_SHOWN
 from tasks.tokenize import open_tokens
 
 log = logging.getLogger("llmpipe")
 
 STAGE_VERSION = "evaluate-2"
+HELDOUT = "evaluate.lm_heldout_paths"
 SAMPLE_PROMPTS = ("The", "I thought the film", "In the morning")
 CONFUSION_PNG = "confusion_matrix.png"
 MODEL = "model"
@@ -46,12 +49,13 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
     return float(-logp[np.asarray(val, dtype=np.int64)].mean())
 
 
-def _heldout_files(cfg: EvaluateConfig) -> list[Path]:
-    paths = [Path(p).expanduser() for p in cfg.lm_heldout_paths]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"evaluate.lm_heldout_paths: {p} is not a file")
-    return paths
+def _heldout_files(cfg: EvaluateConfig) -> dict[Path, str]:
+    """Each held-out file and the SHA-256 of its bytes, read through ``open_file``."""
+    digests = {}
+    for p in (Path(p).expanduser() for p in cfg.lm_heldout_paths):
+        with open_file(p, HELDOUT) as f:
+            digests[p] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
 
 
 def heldout_name(path: Path) -> str:
@@ -66,8 +70,10 @@ def score_text_file(model, tokenizer, path: Path, block_size: int, batch_size: i
     Bits per byte is the loss in bits over the bytes per token of the lines read."""
     from tasks.pretrain import lm_eval_loss
 
+    with open_file(path, HELDOUT) as f:
+        data = f.read()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})") from None
     lines = text.splitlines(keepends=True)
@@ -95,11 +101,12 @@ def score_text_file(model, tokenizer, path: Path, block_size: int, batch_size: i
 def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, workspace: Workspace,
                 block_size: int, seed: int = 0, threads: int | None = None) -> ReportRef:
     """Loss, perplexity and bits per byte on the whole validation split beside a unigram baseline, and on
-    each of ``cfg.lm_heldout_paths``. ``threads``: torch's intra-op threads while scoring (0: one per core)."""
+    each of ``cfg.lm_heldout_paths``. ``threads``: torch's intra-op threads while scoring (0: one per core). Samples
+    are generated only where the run may quote its data (``confine.may_quote``): a model can repeat what it read."""
     heldout = _heldout_files(cfg)
     settings = cfg.model_dump(include={"samples", "sample_tokens", "batch_size", "lm_heldout_max_tokens"})
     fp = fingerprint(STAGE_VERSION, "lm", lm.fingerprint, tokens.fingerprint, settings,
-                     [(str(p), file_sha256(p)) for p in heldout], block_size, seed)
+                     [(str(p), digest) for p, digest in heldout.items()], block_size, seed)
 
     def build(out: Path) -> dict[str, Any]:
         import torch  # here, as transformers: a reused report needs neither
@@ -120,7 +127,7 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
                                                    cfg.lm_heldout_max_tokens) for p in heldout}
         torch.manual_seed(seed)
         samples = []
-        for prompt in SAMPLE_PROMPTS[: cfg.samples]:
+        for prompt in SAMPLE_PROMPTS[: cfg.samples if may_quote() else 0]:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             gen = model.generate(ids, max_new_tokens=cfg.sample_tokens, do_sample=True, top_k=40,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -154,11 +161,13 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
 
 def confident_mistakes(texts: list[str], y_true: np.ndarray, proba: np.ndarray, labels: list[str],
                        n: int) -> list[dict[str, Any]]:
-    """The ``n`` wrong predictions made with the highest confidence, most confident first."""
+    """The ``n`` wrong predictions made with the highest confidence, most confident first; each text ``NOT_SHOWN``
+    where the run may not quote its data (``confine.may_quote``)."""
     pred, conf = proba.argmax(axis=1), proba.max(axis=1)
     wrong = np.flatnonzero(pred != y_true)
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:n]
-    return [{"row": int(i), "text": texts[i][:500], "label": labels[int(y_true[i])], "predicted": labels[int(pred[i])],
+    quote = may_quote()
+    return [{"row": int(i), "text": texts[i][:500] if quote else NOT_SHOWN, "label": labels[int(y_true[i])], "predicted": labels[int(pred[i])],
              "confidence": float(conf[i])} for i in wrong]
 
 

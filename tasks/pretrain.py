@@ -251,8 +251,14 @@ def pretrain(
 
         set_threads(threads)
         if cfg.devices > 1 or cfg.nnodes > 1:
+            # A local init_from: the workers load the folder this process resolved (for a run created through the
+            # API, its private copy of the checked files: the confinement does not cross into other processes).
+            init_from = model_cfg.init_from
+            if init_from and checkpoints.is_local(init_from):
+                init_from = str(checkpoints.local_dir(init_from, "model.init_from"))
             spec = {"tokens": tokens.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"),
-                    "model": model_cfg.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),
+                    "model": {**model_cfg.model_dump(mode="json"), "init_from": init_from},
+                    "pretrain": cfg.model_dump(mode="json"),
                     "seed": seed, "work_dir": str(work_dir), "out": str(out)}
             run_torchrun(torchrun_worker, spec, cfg, work_dir)
             return json.loads((out / "train_meta.json").read_text())

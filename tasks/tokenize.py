@@ -44,9 +44,11 @@ from tasks.artifacts import (
     fingerprint,
     write_json,
 )
-from tasks.config import TokenizerConfig
+from tasks.config import TokenizerConfig, is_local
+from tasks.confine import staged
 from tasks.encoding import encoder_for
 from tasks.errors import ConfigError, DataError
+from tasks.redact import LIBRARY_MESSAGE_CHARS, excerpt
 
 log = logging.getLogger("llmpipe")
 
@@ -64,10 +66,13 @@ _COPY_CHUNK = 8 << 20
 def _pretrained(cfg: TokenizerConfig):
     from transformers import AutoTokenizer
 
+    # A local folder loads from confine.staged: for a run created through the API, a copy of its checked files.
+    source = str(staged(cfg.pretrained, "tokenizer.pretrained")) if is_local(cfg.pretrained) else cfg.pretrained
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.pretrained)
+        tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"tokenizer.pretrained: cannot load {cfg.pretrained!r} ({exc})") from None
+        raise ConfigError(f"tokenizer.pretrained: cannot load {cfg.pretrained!r} "
+                          f"({excerpt(exc, LIBRARY_MESSAGE_CHARS, quote=False)})") from None
     if not tok.is_fast:
         raise ConfigError(f"tokenizer.pretrained: {cfg.pretrained!r} has no fast (Rust) tokenizer; llmpipe needs one")
     return tok
