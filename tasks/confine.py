@@ -194,11 +194,11 @@ def _scan(folder: str, budget: _Budget) -> Iterator[os.DirEntry]:
         return
 
 
-def _walk(base: str, parts: list[str], budget: _Budget, follow: bool) -> tuple[set[str], int]:
-    """Regular files below ``base`` that match ``parts`` (``**``: any number of folders), and how many symbolic
-    links matched (not followed or returned unless ``follow``)."""
+def _walk(base: str, parts: list[str], budget: _Budget, follow: bool) -> tuple[set[str], set[str]]:
+    """Regular files below ``base`` that match ``parts`` (``**``: any number of folders), and the symbolic links
+    that matched (neither followed nor returned unless ``follow``)."""
     found: set[str] = set()
-    links = 0
+    links: set[str] = set()
     pending = [(base, 0)]
     while pending:
         folder, i = pending.pop()
@@ -209,7 +209,7 @@ def _walk(base: str, parts: list[str], budget: _Budget, follow: bool) -> tuple[s
             if _hidden(entry.name, part) or (part != "**" and not fnmatch.fnmatchcase(entry.name, part)):
                 continue
             if entry.is_symlink() and not follow:
-                links += 1
+                links.add(entry.path)
             elif entry.is_dir(follow_symlinks=follow):
                 if part == "**":
                     pending.append((entry.path, i))
@@ -233,7 +233,7 @@ def _listing(base: str, parts: list[str], what: str, field: str, seconds: float 
     refuse = ConfigError if c is None else PolicyError
     found, links = _walk(base, parts, _Budget(what, field, refuse, seconds, entries), follow=c is None)
     if links:
-        raise PolicyError(f"{field}: {what} reaches {links} symbolic link{'s' * (links > 1)} ({NO_LINKS})")
+        raise PolicyError(f"{field}: {what} reaches {len(links)} symbolic link{'s' * (len(links) > 1)} ({NO_LINKS})")
     return sorted(Path(p) for p in found)
 
 
