@@ -135,7 +135,10 @@ def open_file(path: str | Path, field: str) -> BinaryIO:
     root, parts = _below_root(text, field, c)
     if not parts:
         raise DataError(f"{field}: {text} is a folder, not a file")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # a data folder the operator named that is not there
+        raise DataError(f"{field}: file not found: {text}") from None
     try:
         for i, part in enumerate(parts):
             last = i == len(parts) - 1

@@ -321,11 +321,11 @@ def hub_dataset_splits(name: str, config: str | None = None, revision: str | Non
                        data_files: list[str] | None = None, field: str = "dataset") -> dict[str, Any]:
     """All splits of a dataset, by split name, as ``datasets.Dataset``s.
 
-    A local folder (``save_to_disk``, or data files) and a builder name (json, csv, parquet, text, arrow) with
-    local ``data_files`` are read here, through ``tasks.confine``; a Hub name through ``datasets``, refused unless
-    every data file it resolves is on the Hub (``hf://``: its README may name others). Data files given as URLs go
-    to ``datasets`` with the builder named (the policy decides whether a run may name URLs). ``field``: the config
-    section (``corpus.sources[0]``), for messages.
+    A local folder (``save_to_disk``, or data files) and local ``data_files`` (with a builder name: json, csv,
+    parquet, text, arrow; or a folder) are read here, through ``tasks.confine``; a Hub name through ``datasets``,
+    refused unless every data file it resolves is on the Hub (``hf://``: its README may name others). Data files
+    given as URLs go to ``datasets`` with the builder named (the policy decides whether a run may name URLs).
+    ``field``: the config section (``corpus.sources[0]``), for messages.
     """
     import datasets
 
@@ -334,11 +334,13 @@ def hub_dataset_splits(name: str, config: str | None = None, revision: str | Non
     if urls and len(urls) != len(data_files or []):
         raise ConfigError(f"{field}.data_files: give either local files or URLs, not both")
     try:
-        if name in BUILDERS and data_files and not urls:
-            paths = expand(data_files, f"{field}.data_files")
-            formats = {p: BUILDERS[name] or _json_format(p, f"{field}.data_files") for p in paths}
-            return {"train": _files_dataset(paths, formats, str, f"{field}.data_files")}
-        if name not in BUILDERS and is_local(name):
+        local = name not in BUILDERS and is_local(name)
+        if (local or name in BUILDERS) and data_files and not urls:
+            where = f"{field}.data_files"
+            paths = expand(data_files, where)
+            formats = {p: _data_format(p, where) if local else BUILDERS[name] or _json_format(p, where) for p in paths}
+            return {"train": _files_dataset(paths, formats, str, where)}
+        if local:
             return _local_dataset(Path(name), f"{field}.name")
         if name in BUILDERS:
             return dict(datasets.load_dataset(name, config, data_files=data_files or None))

@@ -127,6 +127,8 @@ def test_a_builder_reads_only_the_data_files_named(tree) -> None:
     with confined(_jail(root)):
         splits = sources.hub_dataset_splits("csv", data_files=[str(root / "*.csv")], field="corpus.sources[0]")
         assert len(splits["train"]) == 12 and not any(SECRET in t for t in _texts(splits))
+        _csv(root / "b.csv", 3)
+        assert len(sources.hub_dataset_splits(str(root), data_files=[str(root / "b.csv")])["train"]) == 3
         with pytest.raises(PolicyError, match=r"corpus\.sources\[0\]\.data_files: .* outside the allowed"):
             sources.hub_dataset_splits("csv", data_files=[str(outside / "secret.csv")], field="corpus.sources[0]")
 
