@@ -207,6 +207,8 @@ def test_wild_globs_are_refused_quickly_without_naming_a_match(tree) -> None:
         confine.glob_files(str(root / "**" / "*.csv"), "f", entries=20)
     assert "visits more than 20 folder entries (the listing budget)" in str(info.value)
     assert "x.csv'" not in str(info.value).replace(f"{root}/**/*.csv", "")
+    with pytest.raises(ConfigError, match=r"took longer than 0 s \(the listing budget\)"):
+        confine.glob_files(str(root / "**" / "*.csv"), "f", seconds=0)
     assert len(confine.glob_files(str(root / "**" / "*.csv"), "f")) == 30
 
 
