@@ -19,7 +19,7 @@ from prefect.utilities.timeout import timeout as prefect_timeout
 from flows import progress, reports
 from flows.logs import with_run_logs
 from flows.retries import StageTimeout, retry_transient, time_limit
-from flows.tracking import TRACKED, lineage, mlflow_stage_run, tracked, training_progress
+from flows.tracking import TRACKED, confined_stage, lineage, mlflow_stage_run, tracked, training_progress
 from tasks import evaluate, faults, finetune, ingest, pretrain, registry, tokenize
 from tasks.artifacts import (
     CheckpointRef,
@@ -64,7 +64,7 @@ def _task(name: str, retries: int = 2, **kw: Any) -> Callable:
             try:
                 # The time limit comes from the run's config (Prefect's timeout_seconds is fixed per task); the
                 # same cancel scope as Prefect's, so a hung read or call is interrupted.
-                with prefect_timeout(limit, timeout_exc_type=StageTimeout):
+                with prefect_timeout(limit, timeout_exc_type=StageTimeout), confined_stage(cfg):
                     faults.check(name)  # LLMPIPE_FAULT: fail this stage once, on purpose
                     return body(*args, **kwargs)
             except StageTimeout:

@@ -20,7 +20,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import deployment, flow_run, task_run
 
 from flows import progress, reports
-from tasks import interrupts, policy, tracking
+from tasks import confine, interrupts, policy, tracking
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, flatten
 from tasks.redact import redact_exception
@@ -136,15 +136,45 @@ def mlflow_parent_run(cfg: PipelineConfig) -> Iterator[str]:
 _ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("llmpipe_admitted", default=False)
 
 
-def admit(cfg: PipelineConfig, refs: dict[str, Any]) -> None:
+@functools.cache
+def _deployed(deployment_id: str) -> dict[str, Any] | None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        config = (client.read_deployment(deployment_id).parameters or {}).get("config")
+    return config if isinstance(config, dict) else None
+
+
+def _deployed_config() -> dict[str, Any] | None:
+    """The deployment's own ``config`` parameter, read from the server: what the operator deployed (``llmpipe
+    deploy --config``), not this run's parameters (which ``prefect.runtime.deployment.parameters`` gives)."""
+    return _deployed(str(deployment.id))
+
+
+def admit(cfg: PipelineConfig, refs: dict[str, Any]) -> dict[str, Any]:
     """Refuse, before anything runs, a run created through the Prefect API whose parameters reach beyond what
-    the worker's operator allows (``tasks/policy.py``). Runs started in-process (``llmpipe run``, Python)
-    belong to the operator and are not checked."""
+    the worker's operator allows (``tasks/policy.py``); returns ``refs`` rebuilt from the run's workspace. Runs
+    started in-process (``llmpipe run``, Python) belong to the operator and are not checked."""
     if _ADMITTED.get():
-        return
+        return refs
     if deployment.id:  # the UI form, `prefect deployment run`, the API, a schedule or an event
-        policy.check_config(cfg, policy.Policy.from_env(), refs, flow_run.job_variables)
+        refs = policy.check_config(cfg, policy.Policy.from_env(), refs, flow_run.job_variables, _deployed_config())
     _ADMITTED.set(True)
+    return refs
+
+
+@contextlib.contextmanager
+def confined_stage(cfg: PipelineConfig | None) -> Iterator[None]:
+    """One attempt of a stage: for a run created through the Prefect API, the policy check again (files may have
+    changed since admission or the last attempt), then every local read confined to the operator's data folders
+    and the run's workspace, without following links (``tasks.confine``)."""
+    if not deployment.id or cfg is None:
+        yield
+        return
+    rules = policy.Policy.from_env()
+    policy.check_config(cfg, rules, deployed=_deployed_config())
+    with confine.confined(rules.confinement(cfg.workspace)):
+        yield
 
 
 def tracked_flow(fn: Callable) -> Callable:
@@ -164,10 +194,11 @@ def tracked_flow(fn: Callable) -> Callable:
             cfg = PipelineConfig()  # the flow's own default
         token = _ADMITTED.set(_ADMITTED.get())  # nested flows see this run's admission; it ends with the flow
         try:
-            admit(cfg, {k: v for k, v in bound.arguments.items() if isinstance(v, ArtifactRef)})
+            refs = admit(cfg, {k: v for k, v in bound.arguments.items() if isinstance(v, ArtifactRef)})
+            bound.arguments.update(refs)
             # SIGTERM/Ctrl-C (from the CLI, a worker or Prefect) waits out MLflow writes while the flow runs.
             with interrupts.installed(), mlflow_parent_run(cfg):
-                return fn(*args, **kwargs)
+                return fn(*bound.args, **bound.kwargs)
         except Exception as exc:  # the flow run's failure message must not carry a secret
             redact_exception(exc)
             raise
