@@ -8,13 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.artifacts import file_sha256
+from tasks.config import is_local
 from tasks.confine import staged
 from tasks.errors import ConfigError
-
-
-def is_local(name: str) -> bool:
-    """Whether a checkpoint, tokenizer or data set name is a local path rather than a Hugging Face Hub name."""
-    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def local_dir(name: str, field: str) -> Path:

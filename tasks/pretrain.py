@@ -15,7 +15,7 @@ import numpy as np
 
 from tasks import checkpoints
 from tasks.artifacts import CheckpointRef, TokenizerRef, TokensRef, Workspace, fingerprint, write_json
-from tasks.config import TRAIN_EXECUTION_ONLY, ModelConfig, PretrainConfig
+from tasks.config import TRAIN_EXECUTION_ONLY, ModelConfig, PretrainConfig, is_local
 from tasks.curves import plot_curve
 from tasks.distributed import run_torchrun
 from tasks.errors import ConfigError, DataError
@@ -254,7 +254,7 @@ def pretrain(
             # A local init_from: the workers load the folder this process resolved (for a run created through the
             # API, its private copy of the checked files: the confinement does not cross into other processes).
             init_from = model_cfg.init_from
-            if init_from and checkpoints.is_local(init_from):
+            if init_from and is_local(init_from):
                 init_from = str(checkpoints.local_dir(init_from, "model.init_from"))
             spec = {"tokens": tokens.model_dump(mode="json"), "tokenizer": tokenizer.model_dump(mode="json"),
                     "model": {**model_cfg.model_dump(mode="json"), "init_from": init_from},

@@ -345,12 +345,7 @@ def hub_dataset_splits(name: str, config: str | None = None, revision: str | Non
         if name in BUILDERS:
             return dict(datasets.load_dataset(name, config, data_files=data_files or None))
         builder = datasets.load_dataset_builder(name, config, revision=revision, data_files=data_files or None)
-        elsewhere = [f for files in (builder.config.data_files or {}).values() for f in files
-                     if not str(f).startswith("hf://")]
-        if elsewhere:
-            raise PolicyError(f"{field}.name: {label} names {len(elsewhere)} data file(s) that are not on the Hugging "
-                              "Face Hub (hf://), in its README or data_files; local data files are read with the "
-                              f"builders {', '.join(BUILDERS)}, or as a local folder")
+        require_hub_files(builder, f"{field}.name", label)
         builder.download_and_prepare()
         return dict(builder.as_dataset())
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ValueError) as exc:
@@ -362,6 +357,17 @@ def hub_dataset_splits(name: str, config: str | None = None, revision: str | Non
             raise DataError(f"{label}: not in the local cache, and offline mode is on "
                             f"({library_message(exc)})") from None
         raise
+
+
+def require_hub_files(builder: Any, field: str, label: str) -> None:
+    """Refuse a Hub data set's builder unless every data file it resolved is on the Hub (``hf://``): a README on the
+    Hub may name files by absolute path or ``..`` pattern, which would resolve on the worker's disk."""
+    elsewhere = [f for files in (builder.config.data_files or {}).values() for f in files
+                 if not str(f).startswith("hf://")]
+    if elsewhere:
+        raise PolicyError(f"{field}: {label} names {len(elsewhere)} data file(s) that are not on the Hugging "
+                          "Face Hub (hf://), in its README or data_files; local data files are read with the "
+                          f"builders {', '.join(BUILDERS)}, or as a local folder")
 
 
 def _local_dataset(folder: Path, field: str) -> dict[str, Any]:

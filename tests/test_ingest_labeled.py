@@ -92,7 +92,8 @@ def test_labeled_fingerprints_hash_the_flat_form_of_before_the_source_kinds(tmp_
     assert ingest.ingest_labeled(load_config("tiny").labeled, ws).fingerprint == "cfd30be0f887e5465b81"
     files = LabeledConfig(source=LabeledFiles(train="t.csv", test="d.csv", has_header=False), text_column="0")
     assert ingest.fingerprinted(files) == {
-        "source": "files", "train_path": "t.csv", "validation_path": None, "test_path": "d.csv", "has_header": False,
+        "source": "files", "train_path": str(Path.cwd().resolve() / "t.csv"), "validation_path": None,
+        "test_path": str(Path.cwd().resolve() / "d.csv"), "has_header": False,  # paths normalised by the config
         "hub_name": None, "hub_config": None, "hub_revision": None, "hub_train_split": "train",
         "hub_validation_split": "validation", "hub_test_split": "test", "sample_train": 4000, "sample_eval": 500,
         "text_column": "0", "label_column": "label", "label_names": [], "labels": [], "validation_fraction": 0.1,
