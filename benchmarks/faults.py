@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from attacks import attack_cases
 from safetensors.torch import load_file
 from servers import MlflowServer, PrefectServer, free_port, stop
 
@@ -206,9 +207,14 @@ def deployment_cases(case: Callable, server: PrefectServer, root: Path) -> None:
     outside = root / "deployed" / "outside"
     outside.mkdir(parents=True)
     (outside / "train.csv").write_text("text,label\n" + "".join(f"review {i},{'ab'[i % 2]}\n" for i in range(40)))
+    data = root / "deployed" / "data"  # the operator's data folder; a dataset in it whose README points outside
+    (data / "set").mkdir(parents=True)
+    (data / "set" / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                            f"    path: {outside / 'train.csv'}\n---\n")
     deployed = _cli(server, root / "deployed", "deploy", "--config", "tiny", "--set", f"workspace={ws}")
     server.start("worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu"],
-                 {**server.env, "LLMPIPE_WORKSPACE_DIRS": str(ws), "PYTHONPATH": str(REPO)}, REPO)
+                 {**server.env, "LLMPIPE_WORKSPACE_DIRS": str(ws), "LLMPIPE_DATA_DIRS": str(data),
+                  "PYTHONPATH": str(REPO)}, REPO)
     worker = server.procs[-1]
     base = tiny(ws).model_dump(mode="json")
 
@@ -243,6 +249,11 @@ def deployment_cases(case: Callable, server: PrefectServer, root: Path) -> None:
                  {"kind": "hub", "name": "csv", "data_files": ["https://203.0.113.9/corpus.csv"]}])))
         case("deployment run: trust_remote_code", "refused, the reason in the run's state",
              refused("model.trust_remote_code", "LLMPIPE_ALLOW=remote_code", changed("model", trust_remote_code=True)))
+        case("deployment run: naming a pyfunc model for the gate", "refused, the reason in the run's state",
+             refused("registry.model_name", "LLMPIPE_REGISTRY", changed("registry", model_name="pyfunc-evil")))
+        case("deployment run: a README's data_files outside the folder", "refused, the reason in the run's state",
+             refused("labeled.source.name", "README.md", changed("labeled", source={
+                 "kind": "hub", "name": str(data / "set"), "validation_split": None, "test_split": None})))
 
         def command_override(_: Path):
             if dep is None:
@@ -487,6 +498,9 @@ def main() -> int:
                     f"{done.meta['resumed_from']}, weights within 1e-5={ok}"), f"{6 - 1 - done.meta['resumed_from']} steps"
 
     case("fine-tuning out of memory at step 6", "halve micro-batch, double accumulation, resume", finetune_oom)
+
+    # ---- attacks: refused before any stage, or confined where a stage reads
+    attack_cases(case)
 
     # ---- the whole pipeline through the command line, deployment runs on a real server and worker
     with PrefectServer(root / "prefect") as server:

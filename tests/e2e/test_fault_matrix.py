@@ -24,7 +24,21 @@ CASES = [
     "kill -9 while registering", "first model at the majority baseline", "MLflow tracking server down at start",
     "MLflow tracking server down mid-run", "deployment run: a path outside the allowed folders",
     "deployment run: a URL data file", "deployment run: trust_remote_code",
-    "deployment run: a job-variable override of command",
+    "deployment run: a job-variable override of command", "deployment run: naming a pyfunc model for the gate",
+    "deployment run: a README's data_files outside the folder",
+    # what one who can only create runs, or only write inside an allowed data folder, tries (benchmarks/attacks.py)
+    "attack: a run names another registered model", "attack: champion alias moved to a pyfunc model",
+    "attack: challenger alias set to 'champion'", "attack: alpha 0.99 to crown a coin flip",
+    "attack: the floor turned off (margin, floor)", "attack: README data_files with an absolute path",
+    "attack: README data_files with '..'", "attack: README data_files with an http URL",
+    "attack: a symlink to an outside file in the data folder", "attack: a tokenizer folder with a symlinked vocabulary",
+    "attack: save_to_disk state.json naming outside arrow files", "attack: a file swapped for a symlink after the check",
+    "attack: hub README resolving to local files", "attack: a label error quoting what it read",
+    "attack: an lm ref with an absolute kind", "attack: workspace '~/x'", "attack: a glob with '..' after a wildcard",
+    "attack: '**' repeated to make admission slow", "attack: 4,096 processes per node", "attack: a billion steps",
+    "attack: a 100-billion-parameter model", "attack: a context of a million tokens",
+    "attack: a billion generated documents", "attack: 100,000 threads", "attack: a time limit of years",
+    "attack: 10,000 quoted examples",
 ]
 
 
