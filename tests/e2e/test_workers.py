@@ -207,19 +207,33 @@ def test_deployment_runs_may_not_reach_beyond_what_the_operator_allows(stack: St
     train_csv = outside / "train.csv"
     with open(train_csv, "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *((r["text"], r["label"]) for r in rows)])
+    # The operator's data folder holds a data set whose README points the datasets library at the outside file.
+    data = stack.root / "data"
+    (data / "set").mkdir(parents=True, exist_ok=True)
+    (data / "set" / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                            f"  - split: train\n    path: {train_csv}\n---\n")
+    # A model in the registry that runs code when it is loaded (what a run naming it would make the gate do).
+    marker = stack.root / "pyfunc-loaded"
+    _register_pyfunc(stack.tracking_uri, "pyfunc-evil", marker)
+    before = sorted(p for p in stack.root.rglob("*") if "prefect" not in p.parts and not p.name.startswith("mlflow.db"))
     ws = stack.root / "ws-refusals"
     done = stack.llmpipe("deploy", "--config", "tiny", "--set", f"workspace={ws}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     worker_log = stack.start("worker-cpu", sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu",
-                             "--name", "refusals-cpu-worker", LLMPIPE_WORKSPACE_DIRS=str(ws))
+                             "--name", "refusals-cpu-worker", LLMPIPE_WORKSPACE_DIRS=str(ws), LLMPIPE_DATA_DIRS=str(data))
     worker = stack.procs[-1]
     try:
-        _refusals(stack, ws, train_csv, worker_log)
+        _refusals(stack, ws, train_csv, data / "set", worker_log)
     finally:
         stop(worker)  # a cpu worker left running would take the served deployments' runs in the next test
         stack.procs.remove(worker)
-    assert not (ws / "corpora").exists() and not (stack.root / "elsewhere").exists()
-    assert MlflowClient(stack.tracking_uri).search_registered_models(filter_string="name = 'refused-model'") == []
+    assert not (ws / "corpora").exists() and not (ws / "labeled").exists() and not (stack.root / "elsewhere").exists()
+    assert not marker.exists()  # the pyfunc model was never loaded
+    assert [int(v.version) for v in MlflowClient(stack.tracking_uri).search_model_versions("name = 'pyfunc-evil'")] \
+        == [1]
+    after = sorted(p for p in stack.root.rglob("*") if "prefect" not in p.parts and not p.name.startswith("mlflow.db")
+                   and ws not in p.parents and p != ws and not p.name.startswith("worker-cpu"))
+    assert after == before  # nothing written outside the workspace (but the worker's own log)
 
     # The operator's own command line keeps its freedom: the same data file trains and registers.
     run = stack.llmpipe("run", "--config", "tiny", "--set", f"workspace={stack.root / 'ws-operator'}",
@@ -229,12 +243,37 @@ def test_deployment_runs_may_not_reach_beyond_what_the_operator_allows(stack: St
     assert "models:/operator-model/1 registered" in run.stdout
 
 
-def _refusals(stack: Stack, ws: Path, train_csv: Path, worker_log: Path) -> None:
+def _register_pyfunc(tracking_uri: str, name: str, marker: Path) -> None:
+    """Register ``name`` version 1 as a pyfunc model whose loading writes ``marker``, with the champion alias."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    class Loud(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            Path(context.model_config["marker"]).write_text("loaded")
+
+        def predict(self, context, model_input):
+            return ["pos"] * len(model_input)
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="model", python_model=Loud(), model_config={"marker": str(marker)},
+                                    registered_model_name=name)
+        MlflowClient(tracking_uri).set_registered_model_alias(name, "champion", "1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert marker.exists()  # MLflow loaded it once while logging it: the marker works
+    marker.unlink()
+
+
+def _refusals(stack: Stack, ws: Path, train_csv: Path, readme_set: Path, worker_log: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter
     from prefect.exceptions import PrefectHTTPStatusError
 
-    base = tiny_config(ws, "registry.model_name=refused-model").model_dump(mode="json")
+    base = tiny_config(ws).model_dump(mode="json")
 
     def with_changes(**sections: dict) -> dict:
         cfg = json.loads(json.dumps(base))
@@ -249,6 +288,9 @@ def _refusals(stack: Stack, ws: Path, train_csv: Path, worker_log: Path) -> None
             {"kind": "hub", "name": "csv", "data_files": ["https://203.0.113.9/corpus.csv"]}]}), "LLMPIPE_ALLOW=urls"),
         "model.trust_remote_code": (with_changes(model={"trust_remote_code": True}), "LLMPIPE_ALLOW=remote_code"),
         "workspace": ({**base, "workspace": str(stack.root / "elsewhere")}, "LLMPIPE_WORKSPACE_DIRS"),
+        "registry.model_name": (with_changes(registry={"model_name": "pyfunc-evil"}), "LLMPIPE_REGISTRY"),
+        "labeled.source.name": (with_changes(labeled={"source": {"kind": "hub", "name": str(readme_set)}}),
+                                "README.md"),
     }
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("llm_pipeline/cpu")
