@@ -164,10 +164,11 @@ def deploy(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML, up
         prefect_file = Path(tmp) / "prefect.yaml"
         prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         # Prefect's own command: the same templating, pull steps, schedules and triggers as
-        # `prefect deploy --all` run by hand in deployments/.
+        # `prefect deploy --all` run by hand. It runs in the checkout the workers run flows in (the pull step), so
+        # the form's default config has the workspace a run there gets (paths are made absolute when validated).
         done = subprocess.run(
             [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
-            cwd=spec_path.parent, capture_output=True, text=True,
+            cwd=DEPLOY_DIR.parent, capture_output=True, text=True,
         )
     if done.returncode != 0:
         raise LlmpipeError(f"prefect deploy failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
