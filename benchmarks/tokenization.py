@@ -11,12 +11,21 @@ On the same text and with the same fast tokenizer, in this process:
 The text (``--text``): ``imdb`` (default), every review of the Large Movie Review Dataset (train, test and
 unlabeled: 100,000 documents, about 130 MB) with a byte-level BPE trained on the training reviews; or
 ``shakespeare``, Tiny Shakespeare repeated ``--repeat`` times (repeated text keeps the tokenizer's word cache hot
-for both sides). Peak memory is sampled (RSS of this process plus its worker processes, an upper bound since
+for both sides); or ``waimai``, Chinese food-delivery reviews, which measures something else: ``tokenizer.split``.
+
+``--text waimai`` trains a BPE per split (``gpt2``, ``cjk``; ``--vocab``, 4,096 by default, the library's
+defaults otherwise) on the training reviews and reports for each: tokens per character on the test reviews;
+tokens/s on every review (train and test) of llmpipe's encoder (``tasks.encoding``, what the tokenize stage runs,
+in batches of ``BATCH_CHARS``; a fresh encoder, so a cold piece cache, then the same text again, warm) and of
+the tokenizer's own ``encode_batch`` (and ``encode_batch_fast``), medians of ``--rounds`` rounds that alternate
+the order; the share of documents that took the split path and the piece cache's hit rate. The ids are checked
+equal. Peak memory is sampled (RSS of this process plus its worker processes, an upper bound since
 forked workers share pages) while each one runs. With ``--corpus-mb`` a corpus of that size (Tiny Shakespeare
 repeated, no deduplication) is also ingested in one fresh process and tokenized with 2 workers in another, each
 reporting its peak RSS (``ru_maxrss``).
 
     python benchmarks/tokenization.py [--text imdb|shakespeare] [--repeat 8] [--corpus-mb 0] [--vocab 8192]
+    python benchmarks/tokenization.py --text waimai [--vocab 4096] [--rounds 5]
 
 Progress goes to stderr; the last line of stdout is one JSON object (``speedup`` and ``peak_rss_mb`` are ours
 with 2 workers against the recipe with 2).
@@ -28,12 +37,15 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from itertools import chain
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("LLMPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -218,18 +230,121 @@ def _child(*args: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _reviews(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run_split_comparison(work: Path, vocab: int, rounds: int) -> dict:
+    """--text waimai: tokenizer.split gpt2 against cjk on Chinese reviews (see the module's docstring)."""
+    from tokenizers import Tokenizer
+
+    from tasks import encoding, ingest, tokenize
+    from tasks.artifacts import Workspace
+    from tasks.config import CorpusConfig, FilesSource, TokenizerConfig
+
+    folder = DATA / "waimai"
+    train, test = _reviews(folder / "train.jsonl"), _reviews(folder / "test.jsonl")
+    texts = train + test
+    ws = Workspace(work / "ws")
+    corpus = ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(folder / "train.jsonl")])]), ws)
+    batches, batch, size = [], [], 0  # as the stage reads a shard: about BATCH_CHARS characters a batch
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= tokenize.BATCH_CHARS:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    chars = sum(map(len, texts))
+    out: dict = {}
+    tokenizers: dict = {}
+    for split in ("gpt2", "cjk"):
+        say(f"training a {vocab}-token BPE with split={split} on {len(train):,} waimai training reviews ...")
+        ref = tokenize.train_tokenizer(corpus, TokenizerConfig(vocab_size=vocab, split=split), ws)
+        tok = Tokenizer.from_file(str(ref.dir / "tokenizer.json"))
+        tok.encode_special_tokens = True
+        test_tokens = sum(len(e.ids) for e in tok.encode_batch(test, add_special_tokens=False))
+        tokenizers[split] = (ref, tok)
+        out[split] = {"vocab_size": ref.meta["vocab_size"], "tokens_per_char_test": test_tokens / sum(map(len, test)),
+                      "test_tokens": test_tokens, "rounds": []}
+    for r in range(rounds):
+        for split in (("gpt2", "cjk") if r % 2 == 0 else ("cjk", "gpt2")):
+            ref, tok = tokenizers[split]
+            say(f"round {r + 1}/{rounds}: {split} ...")
+            row: dict = {}
+            started = time.perf_counter()
+            base = tok.encode_batch(texts, add_special_tokens=False)
+            row["tokenizers_encode_batch_s"] = time.perf_counter() - started
+            expected = np.fromiter((i for e in base for i in [*e.ids, ref.meta["eos_id"]]), dtype=np.int64)
+            tokens = len(expected) - len(texts)  # without the EOS our encoder adds after each document
+            started = time.perf_counter()
+            tok.encode_batch_fast(texts, add_special_tokens=False)
+            row["tokenizers_encode_batch_fast_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            enc = encoding.Encoder(ref.dir / "tokenizer.json", ref.meta["eos_id"])
+            row["encoder_start_s"] = time.perf_counter() - started
+            for temp in ("cold", "warm"):
+                started = time.perf_counter()
+                ids = np.concatenate([enc.encode(b)[0] for b in batches])
+                row[f"ours_{temp}_s"] = time.perf_counter() - started
+                if not np.array_equal(ids, expected):
+                    raise SystemExit(f"split={split}: llmpipe's encoder and the tokenizer disagree")
+                if temp == "cold":
+                    learned = len(enc._piece) - 1  # pieces encoded by the tokenizer; the rest came from the cache
+            on_split = [t for t, ok in zip(texts, enc._take_split(texts), strict=True) if ok]
+            pieces = sum(len((encoding._ASCII_SPLIT if t.isascii() else enc._unicode_split).findall(t))
+                         for t in on_split)
+            row.update(tokens=tokens, split_path_docs=len(on_split) / len(texts), pieces=pieces, pieces_learned=learned,
+                       cache_hit_rate=1 - learned / pieces if pieces else None)
+            out[split]["rounds"].append(row)
+    result: dict = {"text": f"waimai reviews (train and test: {len(texts):,} documents, {chars:,} characters)",
+                    "cpu_count": os.cpu_count(), "rounds": rounds}
+    for split, info in out.items():
+        rows = info["rounds"]
+        tokens = rows[0]["tokens"]
+        summary = {
+            "tokens_per_char_test": round(info["tokens_per_char_test"], 4),
+            "tokens": tokens, "tokens_per_char_all": round(tokens / chars, 4),
+            **{f"{k}_tokens_per_s": round(tokens / _median([row[f"{k}_s"] for row in rows]))
+               for k in ("ours_cold", "ours_warm", "tokenizers_encode_batch", "tokenizers_encode_batch_fast")},
+            "encoder_start_s": round(_median([row["encoder_start_s"] for row in rows]), 3),
+            "split_path_docs": round(rows[0]["split_path_docs"], 4),
+            "pieces": rows[0]["pieces"], "cache_hit_rate_cold": round(rows[0]["cache_hit_rate"] or 0, 4),
+        }
+        summary["speedup_cold"] = round(summary["ours_cold_tokens_per_s"]
+                                        / summary["tokenizers_encode_batch_tokens_per_s"], 2)
+        summary["speedup_warm"] = round(summary["ours_warm_tokens_per_s"]
+                                        / summary["tokenizers_encode_batch_tokens_per_s"], 2)
+        summary["all_rounds"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                                 for row in rows]
+        result[split] = summary
+    result["cjk_tokens_vs_gpt2"] = round(result["cjk"]["tokens_per_char_test"] / result["gpt2"]["tokens_per_char_test"],
+                                         3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", choices=["imdb", "shakespeare"], default="imdb",
-                        help="the IMDB reviews (default) or Tiny Shakespeare repeated")
+    parser.add_argument("--text", choices=["imdb", "shakespeare", "waimai"], default="imdb",
+                        help="the IMDB reviews (default), Tiny Shakespeare repeated, or the waimai reviews "
+                        "(tokenizer.split gpt2 against cjk)")
     parser.add_argument("--repeat", type=int, default=8, help="copies of Tiny Shakespeare (default 8)")
     parser.add_argument("--corpus-mb", type=float, default=0,
                         help="size of a further memory run's corpus (Tiny Shakespeare repeated); 0 (default) skips it")
-    parser.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size")
+    parser.add_argument("--vocab", type=int, default=None, help="BPE vocabulary size (8192; 4096 for waimai)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds for --text waimai (default 5)")
     parser.add_argument("--shard-mb", type=float, default=1.0, help="shard size for our stage")
     parser.add_argument("--child-ingest", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-tokenize", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vocab is None:
+        args.vocab = 4096 if args.text == "waimai" else 8192
     if args.child_ingest:
         return child_ingest(Path(args.child_ingest), args.corpus_mb)
     if args.child_tokenize:
@@ -242,6 +357,13 @@ def main() -> None:
 
     datasets.disable_progress_bars()
     tqdm.tqdm.monitor_interval = 0  # no monitor thread: this process stays single-threaded, so workers can fork
+    if args.text == "waimai":
+        if not (DATA / "waimai" / "train.jsonl").is_file():
+            raise SystemExit(f"{DATA / 'waimai'} not found: the benchmark reads its text from the shared data folder "
+                             "(LLMPIPE_SHARED_DATA)")
+        with tempfile.TemporaryDirectory(prefix="llmpipe-bench-") as tmp:
+            print(json.dumps(run_split_comparison(Path(tmp), args.vocab, args.rounds)))
+        return
     with tempfile.TemporaryDirectory(prefix="llmpipe-bench-") as tmp:
         work = Path(tmp)
         name = "IMDB reviews (train, test, unsup)" if args.text == "imdb" else f"Tiny Shakespeare x{args.repeat}"

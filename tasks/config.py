@@ -344,12 +344,27 @@ class TokenizerConfig(Section):
     special_tokens: list[str] = Field(
         default_factory=list, description="Further special tokens to reserve in the vocabulary."
     )
+    split: Literal["gpt2", "cjk"] = Field(
+        "gpt2",
+        description="How a trained tokenizer cuts text into pre-tokens before BPE. 'gpt2': GPT-2's pattern (a run of "
+        "letters is one pre-token, so a clause of Chinese is one). 'cjk': the same on spaced text, but each Han, "
+        "Hiragana, Katakana, Thai, Lao, Khmer, Myanmar or Tibetan character (scripts written without spaces; "
+        "their whole Unicode blocks, tasks/encoding.py CJK_RANGES) is a pre-token of its own. Hangul keeps GPT-2's "
+        "split (Korean is spaced). Not for tokenizer.pretrained, which keeps its own.",
+    )
     shard_mb: float = Field(
         16.0, gt=0, le=4096,
         description="Corpus megabytes per tokenize shard (one task per shard); changes parallelism, not the tokens.",
     )
 
     _pretrained = field_validator("pretrained")(_local_name)
+
+    @model_validator(mode="after")
+    def _split_is_for_training(self) -> TokenizerConfig:
+        if self.pretrained and self.split != "gpt2":
+            raise ValueError(f"tokenizer.split={self.split!r} applies to a trained tokenizer; tokenizer.pretrained "
+                             "keeps its own pre-tokenizer (leave split unset)")
+        return self
 
 
 MODEL_PRESETS: dict[str, dict[str, int]] = {

@@ -16,7 +16,8 @@ Tokenizing is three steps, so that a flow can run the middle one as one task per
 Encoding is exactly ``tokenizer.encode(text, add_special_tokens=False)`` with special-token text
 treated as plain text (a document that contains the literal text '<|endoftext|>' does not get a
 false document boundary). For a GPT-2-style byte-level BPE (ByteLevel pre-tokenizer with its split
-pattern, no normaliser, only special added tokens), documents take a faster path (``tasks.encoding``).
+pattern, alone or after the ``cjk`` split's, no normaliser, only special added tokens), documents take a faster
+path (``tasks.encoding``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from tasks.artifacts import (
 )
 from tasks.config import TokenizerConfig, is_local
 from tasks.confine import staged
-from tasks.encoding import encoder_for
+from tasks.encoding import CJK_CHAR, encoder_for
 from tasks.errors import ConfigError, DataError
 from tasks.redact import LIBRARY_MESSAGE_CHARS, excerpt
 
@@ -78,12 +79,31 @@ def _pretrained(cfg: TokenizerConfig):
     return tok
 
 
+def tokenizer_settings(cfg: TokenizerConfig) -> dict[str, Any]:
+    """The settings that make the tokenizer: its fingerprint and the artifact's recorded config. ``split`` joined
+    later: left at gpt2, it leaves the fingerprints of before unchanged (the artifact's meta records it either way)."""
+    return cfg.model_dump(exclude=EXECUTION_ONLY | ({"split"} if cfg.split == "gpt2" else set()))
+
+
+def pre_tokenizer(split: str) -> Any:
+    """The trained tokenizer's pre-tokenizer: GPT-2's ByteLevel split, or (``cjk``) each character of
+    ``tasks.encoding.CJK_RANGES`` isolated first, then the ByteLevel split on the text between them."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split == "gpt2":
+        return byte_level
+    if split == "cjk":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK_CHAR), behavior="isolated"), byte_level])
+    raise ConfigError(f"tokenizer.split={split!r}: one of gpt2, cjk")
+
+
 def train_tokenizer(corpus: CorpusRef, cfg: TokenizerConfig, workspace: Workspace) -> TokenizerRef:
     """Train a byte-level BPE on the corpus' training split, or take ``cfg.pretrained``.
 
     Either way the artifact is a ``save_pretrained`` folder that ``AutoTokenizer.from_pretrained`` loads.
     """
-    settings = cfg.model_dump(exclude=EXECUTION_ONLY)
+    settings = tokenizer_settings(cfg)
     if cfg.pretrained:
         tok = _pretrained(cfg)
         # Named by content: the same tokenizer from another folder or hub mirror is the same artifact.
@@ -104,7 +124,7 @@ def train_tokenizer(corpus: CorpusRef, cfg: TokenizerConfig, workspace: Workspac
         from transformers import PreTrainedTokenizerFast
 
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizer(cfg.split)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=cfg.vocab_size,
@@ -126,7 +146,7 @@ def train_tokenizer(corpus: CorpusRef, cfg: TokenizerConfig, workspace: Workspac
         fast.padding_side = "right"
         fast.save_pretrained(str(out))
         return {"vocab_size": tok.get_vocab_size(), "eos_id": tok.token_to_id(cfg.eos_token),
-                "pad_id": tok.token_to_id(cfg.pad_token), "trained": True}
+                "pad_id": tok.token_to_id(cfg.pad_token), "trained": True, "split": cfg.split}
 
     return workspace.materialize(TokenizerRef, fp, build, stage="train_tokenizer", config=settings,
                                  inputs={"corpus": corpus.fingerprint})

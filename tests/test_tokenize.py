@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 
 from tasks import encoding, ingest, tokenize
 from tasks.artifacts import TokensRef, Workspace
@@ -62,22 +63,41 @@ def test_encoder_matches_the_tokenizer_on_fuzzed_text(chain) -> None:
         batch = docs[start : start + 500]
         assert np.array_equal(small.encode(batch)[0],
                               _reference_ids(tok_ref.dir / "tokenizer.json", batch, tok_ref.meta["eos_id"]))
-    all_pieces = {p for d in docs if d.isascii() for p in encoding._ASCII_SPLIT.findall(d)}
+    all_pieces = {p for d in docs for p in (encoding._ASCII_SPLIT if d.isascii() else encoding._UNICODE_SPLIT).findall(d)}
     assert len(all_pieces) > 2000 and len(small._piece) < len(all_pieces)  # it did start over
 
 
 def test_text_beyond_ascii_takes_the_split_path_only_where_the_split_agrees_with_the_tokenizer(chain) -> None:
     """The ``regex`` module's Unicode tables can be newer than the tokenizer's: characters they classify differently
-    (found by probing at start) send their document through the tokenizer itself."""
+    (found by probing each character when the encoder first meets it) send their document through the tokenizer
+    itself."""
     tok_ref = chain.tokenizer
     enc = encoding.Encoder(tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"])
     pre = enc.tok.pre_tokenizer
-    for c in map(chr, encoding._PROBED):
+    chars = [*map(chr, range(0x80, 0x3100)), *map(chr, range(0x4E00, 0x9FFF, 7)), *"\u65e5\u672c",
+             *map(chr, range(0xFF00, 0xFFF0)), *map(chr, range(0x1F600, 0x1F650))]
+    assert not enc.refused and len(enc.splittable) == 128  # nothing probed before it is met
+    enc.encode(["".join(chars)])
+    assert set(chars) == enc.splittable - set(map(chr, range(128))) | enc.refused
+    for c in chars:
+        if encoding._CJK_CHAR_RE.match(c):  # text without spaces goes to the tokenizer under gpt2 (unprobed)
+            assert c in enc.refused, hex(ord(c))
+            continue
         probe = encoding._probe([c])
         agrees = encoding._UNICODE_SPLIT.findall(probe) == [probe[a:b] for _, (a, b) in pre.pre_tokenize_str(probe)]
         assert agrees == (c in enc.splittable), hex(ord(c))
-    assert {"\u00e9", "\x85", "\x96", "\xa0", "\u2019", "\u2028"} <= enc.splittable  # what reviews use
-    assert enc._splits("caf\u00e9 \u2019n\u00e9") and not enc._splits("\u65e5\u672c") and not enc._splits("\U0001f600")
+    assert {"\u00e9", "\x85", "\x96", "\xa0", "\u2019", "\u2028", "\u3002", "\uff0c", "\U0001f600"} <= enc.splittable
+    assert enc._splits("caf\u00e9 \u2019n\u00e9") and enc._splits("\U0001f600") and not enc._splits("\u65e5\u672c")
+    for c in enc.refused - encoding._SURROGATES:  # characters the engines classify differently (Unicode versions)
+        assert not enc._splits("a" + c)
+    enc.refused.add("\u0558")  # as if it were one of them: a batch mixes both paths, documents kept in order
+    enc.splittable.discard("\u0558")
+    docs = ["a", "b\u0558 c", "\u00e9t\u00e9"]
+    assert enc._take_split(docs) == [True, False, True]
+    expected = _reference_ids(tok_ref.dir / "tokenizer.json", docs, tok_ref.meta["eos_id"])
+    assert np.array_equal(enc.encode(docs)[0], expected)
+    # A lone surrogate is never probed: its document goes to the tokenizer, which refuses it as before.
+    assert not enc._splits("a\ud800b") and "\ud800" in enc.refused
 
 
 def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_data: Path, tmp_path: Path) -> None:
@@ -100,6 +120,147 @@ def test_encoder_matches_on_real_text_and_without_the_fast_path(chain, shared_da
     slow = encoding.Encoder(tmp_path / "lower.json", eos)
     assert not slow.fast
     assert np.array_equal(slow.encode(docs)[0], _reference_ids(tmp_path / "lower.json", docs, eos))
+
+
+# ================================================================ the cjk split (tokenizer.split)
+
+# Reviews and phrases in scripts with and without spaces, beside English, digits, emoji and CJK punctuation.
+MIXED = ["外卖送得很快，味道不错！", "味道一般，以后不会再来了。。。", "日本語のテキストです。カタカナ、ひらがな。コーヒー",
+         "한국어 문장입니다. 정말 맛있어요!", "ภาษาไทยอร่อยมาก ๑๒๓", "The food was great 😀👍 would order again",
+         "价格 12 元，量少 (small)", "ཀ་ཁ་ག་", "ကြက်သားဟင်း", "ខ្មែរ", "ລາວ", "𠀀𠀁𪛟 rare", "ｱｲｳ ＡＢＣ１２３",
+         "don't 中 'll", "味道\u3000很好", "送餐\n\n慢", "  中  文  ", "x\t日", "٣ arabic عربي", "café naïve"]
+
+
+def _mixed_docs(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    seps = ["", " ", "  ", "\n", " \n", "\t", "，", "'s ", "1"]
+    return ["".join(rng.choice(MIXED) + rng.choice(seps) for _ in range(rng.randint(0, 6))) for _ in range(n)]
+
+
+def _pieces(pre, text: str) -> list[str]:
+    return [text[a:b] for _, (a, b) in pre.pre_tokenize_str(text)]
+
+
+@pytest.fixture(scope="module")
+def mixed_tokenizers(tmp_path_factory) -> dict:
+    """A byte-level BPE per split, trained on mixed-script text."""
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "c.txt").write_text("\n".join(_mixed_docs(3000, 0)), encoding="utf-8")
+    ws = Workspace(root / "ws")
+    corpus = ingest.ingest_corpus(files_corpus(root / "c.txt", text_unit="line"), ws)
+    return {split: tokenize.train_tokenizer(corpus, TokenizerConfig(vocab_size=600, split=split), ws)
+            for split in ("gpt2", "cjk")}
+
+
+def test_cjk_split_pre_tokenizes_as_the_tokenizers_sequence_and_as_gpt2_without_cjk(shared_data: Path) -> None:
+    cjk, gpt2 = tokenize.pre_tokenizer("cjk"), tokenize.pre_tokenizer("gpt2")
+    assert _pieces(cjk, "a 中文 b  中 x") == ["a", " ", "中", "文", " b", "  ", "中", " x"]  # a space before Han: alone
+    assert _pieces(gpt2, "a 中文 b") == ["a", " 中文", " b"]
+    assert _pieces(cjk, "ภาษา한국어 𠀀") == ["ภ", "า", "ษ", "า", "한국어", " ", "𠀀"]  # Hangul keeps GPT-2's split
+    docs = [*MIXED, *_mixed_docs(20_000, 1)]
+    for text in docs:
+        assert encoding._CJK_UNICODE_SPLIT.findall(text) == _pieces(cjk, text), repr(text)
+    # Text without a CJK character: the cjk split is GPT-2's, piece for piece.
+    english = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000]
+    english += "".join(paragraphs(300)) + (shared_data / "wikitext2" / "valid.txt").read_text(encoding="utf-8")[:200_000]
+    assert _pieces(cjk, english) == _pieces(gpt2, english) == encoding._CJK_UNICODE_SPLIT.findall(english)
+
+
+def test_every_cjk_character_is_a_piece_of_its_own_in_both_engines() -> None:
+    """The fast path's exactness on CJK characters by construction: the class is literal code point ranges, so
+    Oniguruma and ``regex`` read it alike, and a character alone is one piece whatever class it is in."""
+    cjk = tokenize.pre_tokenizer("cjk")
+    chars = [chr(c) for a, b in encoding.CJK_RANGES for c in range(a, min(b, 0x2FFFF) + 1, 1 if b < 0x10000 else 5)]
+    chars += [chr(0x3FFFF), chr(0x20000), chr(0x323AF)]
+    assert len(chars) > 40_000
+    assert encoding.split_agreed_chars(cjk, chars, encoding._CJK_UNICODE_SPLIT) == frozenset(chars)
+    text = "".join(chars)
+    assert encoding._CJK_UNICODE_SPLIT.findall(text) == _pieces(cjk, text) == chars
+    assert not any(regex.match(r"\s", c) for c in chars)  # no range holds a space
+
+
+@pytest.mark.parametrize("split", ["gpt2", "cjk"])
+def test_encoder_matches_the_tokenizer_on_mixed_scripts(mixed_tokenizers, split: str) -> None:
+    tok_ref = mixed_tokenizers[split]
+    path, eos = tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"]
+    assert tok_ref.meta["split"] == split
+    enc = encoding.Encoder(path, eos)
+    assert enc.fast and enc.split == split
+    docs = [*MIXED, *_mixed_docs(3000, 2)]
+    # The split path, not the tokenizer: under gpt2 for documents without CJK characters only.
+    assert enc._take_split(docs) == [split == "cjk" or not encoding._CJK_CHAR_RE.search(d) for d in docs]
+    for batch in (docs[:500], docs, docs):  # a cold and a warm piece cache
+        assert np.array_equal(enc.encode(batch)[0], _reference_ids(path, batch, eos))
+
+
+@pytest.mark.parametrize("split", ["gpt2", "cjk"])
+def test_encoder_matches_the_tokenizer_on_chinese_reviews(shared_data: Path, tmp_path: Path, split: str) -> None:
+    waimai = shared_data / "waimai"
+    if not (waimai / "train.jsonl").is_file():
+        pytest.skip(f"{waimai / 'train.jsonl'} not found: the waimai reviews are not in the shared data folder")
+    ws = Workspace(tmp_path / "ws")
+    corpus = ingest.ingest_corpus(CorpusConfig(sources=[FilesSource(paths=[str(waimai / "train.jsonl")])]), ws)
+    tok_ref = tokenize.train_tokenizer(corpus, TokenizerConfig(vocab_size=1024, split=split), ws)
+    path, eos = tok_ref.dir / "tokenizer.json", tok_ref.meta["eos_id"]
+    with open(waimai / "test.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    enc = encoding.Encoder(path, eos)
+    assert enc.split == split
+    # cjk: every review takes the split path; gpt2: a review with Chinese in it goes to the tokenizer.
+    assert enc._take_split(docs) == [split == "cjk" or not encoding._CJK_CHAR_RE.search(d) for d in docs]
+    assert np.array_equal(enc.encode(docs)[0], _reference_ids(path, docs, eos))
+    train = texts(corpus, "train")
+    assert np.array_equal(enc.encode(train)[0], _reference_ids(path, train, eos))
+    # The stage writes the same ids.
+    tokens = tokenize.tokenize_corpus(corpus, tok_ref, ws, shard_mb=0.2)
+    assert np.array_equal(np.asarray(tokenize.open_tokens(tokens, "train")), _reference_ids(path, train, eos))
+
+
+def test_the_default_split_keeps_tokenizer_fingerprints_and_cjk_is_a_new_tokenizer(chain, tmp_path: Path) -> None:
+    cfg = chain.cfg.tokenizer
+    assert cfg.split == "gpt2" and "split" not in tokenize.tokenizer_settings(cfg)
+    # The tiny chain's tokenizer as named before tokenizer.split existed.
+    assert chain.tokenizer.fingerprint == "e667494c3bd1314f73b6"
+    assert chain.tokenizer.meta["split"] == "gpt2"
+    assert json.loads((chain.tokenizer.dir / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "ByteLevel"
+    cjk = tokenize.train_tokenizer(chain.corpus, cfg.model_copy(update={"split": "cjk"}), Workspace(tmp_path / "ws"))
+    assert cjk.fingerprint != chain.tokenizer.fingerprint and cjk.meta["split"] == "cjk"
+    manifest = json.loads((cjk.dir / "manifest.json").read_text())
+    assert manifest["config"]["split"] == "cjk"
+    pre = json.loads((cjk.dir / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert [p["type"] for p in pre["pretokenizers"]] == ["Split", "ByteLevel"]
+    assert encoding.fast_split(json.loads((cjk.dir / "tokenizer.json").read_text())) == "cjk"
+    # On English text the two tokenizers agree exactly (the sample corpus has no CJK character).
+    docs = texts(chain.corpus, "validation")
+    assert np.array_equal(_reference_ids(cjk.dir / "tokenizer.json", docs, cjk.meta["eos_id"]),
+                          _reference_ids(chain.tokenizer.dir / "tokenizer.json", docs, chain.tokenizer.meta["eos_id"]))
+    assert load_config(None, ["tokenizer.split=cjk"]).tokenizer.split == "cjk"
+    with pytest.raises(ConfigError, match=r"tokenizer\.split='cjk' applies to a trained tokenizer"):
+        load_config(None, ["tokenizer.split=cjk", "tokenizer.pretrained=gpt2"])
+
+
+def test_a_foreign_split_pre_tokenizer_takes_the_tokenizer_path(tmp_path: Path) -> None:
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    tok = Tokenizer.from_file(str(_tiny_bpe(tmp_path)))
+    for pre in (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[一-龥]"), behavior="isolated"),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+                pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(encoding.CJK_CHAR), behavior="removed"),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+                pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                         pre_tokenizers.Split(Regex(encoding.CJK_CHAR), behavior="isolated")])):
+        tok.pre_tokenizer = pre
+        assert encoding.fast_split(json.loads(tok.to_str())) is None
+
+
+def _tiny_bpe(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(tmp_path / "tiny.json"))
+    assert encoding.fast_split(json.loads(tok.to_str())) == "gpt2"
+    return tmp_path / "tiny.json"
 
 
 # ================================================================ the stage
