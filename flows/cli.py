@@ -305,7 +305,9 @@ def print_summary(name: str, seconds: float, cfg: PipelineConfig, env: dict[str,
         report = fin.report.load()
         print(f"  classifier:     test accuracy {report['model']['accuracy']:.4f}, "
               f"macro-F1 {report['model']['macro_f1']:.4f} "
-              f"(TF-IDF+LR {report['baselines']['tfidf_logreg']['accuracy']:.4f})")
+              f"(TF-IDF+LR {report['baselines']['tfidf_logreg']['accuracy']:.4f}, macro-F1 "
+              f"{report['baselines']['tfidf_logreg']['macro_f1']:.4f}"
+              + (f", on {report['tfidf_features']['features']})" if report.get("tfidf_features") else ")"))
         state = "registered" if mv.created else "already registered"
         print(f"  model:          {mv.uri} {state}; {mv.decision}")
         if mv.below_floor:

@@ -79,6 +79,8 @@ def classifier_markdown(report: dict[str, Any]) -> str:
     lines = [f"## Classifier on the {report.get('split', 'test')} split ({report['test_rows']} rows)", "",
              "| model | accuracy | macro-F1 | ECE |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} |" for r in rows]
+    if features := report.get("tfidf_features"):
+        lines += ["", tfidf_features_line(features)]
     lines += ["", "### Per class (model)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for name, c in report[evaluate.MODEL]["per_class"].items()]
@@ -92,6 +94,16 @@ def classifier_markdown(report: dict[str, Any]) -> str:
         lines += [f"| {m['confidence']:.3f} | {m['label']} | {m['predicted']} | "
                   f"{m['text'][:160].replace('|', '/').replace(chr(10), ' ')} |" for m in mistakes]
     return "\n".join(lines) + "\n"
+
+
+def tfidf_features_line(f: dict[str, Any]) -> str:
+    """Which features the TF-IDF + LR baseline used, and the validation scores it chose them by."""
+    got = f.get("validation_macro_f1") or {}
+    order = [n for n in evaluate.TFIDF_FEATURES if n in got] + sorted(set(got) - set(evaluate.TFIDF_FEATURES))
+    scores = ", ".join(f"{name} {got[name]:.4f}" for name in order)  # in the order that breaks ties
+    why = (f"chosen by macro-F1 on the {f['validation_rows']:,} validation rows: {scores}" if scores
+           else "no validation rows to choose on")
+    return f"TF-IDF + LR used **{f['features']}** ({why})."
 
 
 def finetune_markdown(meta: dict[str, Any]) -> str:

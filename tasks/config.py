@@ -155,6 +155,35 @@ class DataFrameSource(Section):
 
 CorpusSource = Annotated[SampleSource | FilesSource | HubSource | DataFrameSource, Field(discriminator="kind")]
 
+# Unicode normalisation of text as it is read: NFC composes characters (an accent typed separately joins its
+# letter); NFKC also folds compatibility forms, such as full-width ASCII letters, digits and punctuation (common in
+# Chinese and Japanese text) to their ordinary forms and ligatures to their letters.
+Normalization = Literal["none", "nfc", "nfkc"]
+
+
+def _normalize(what: str, before: str) -> Any:
+    return Field("none", description=f"Unicode normalisation of the {what} before {before}: 'none', 'nfc' "
+                 "(composed characters) or 'nfkc' (also full-width letters, digits and punctuation to half-width, "
+                 "ligatures to letters). Part of the data's identity when not 'none'.")
+
+
+def _legacy_nfc(data: Any) -> Any:
+    """``corpus.nfc: true``, the boolean of before, as ``normalize: nfc`` (with a warning); ``false`` is dropped."""
+    if not isinstance(data, dict) or "nfc" not in data:
+        return data
+    data = dict(data)
+    nfc = data.pop("nfc")
+    if nfc not in (True, False, "true", "false", "True", "False"):
+        raise ValueError(f"nfc: expected true or false, got {nfc!r} (deprecated: use normalize: nfc)")
+    if nfc in (True, "true", "True"):
+        if data.get("normalize", "none") not in ("none", "nfc"):
+            raise ValueError(f"nfc: true contradicts normalize: {data['normalize']} (nfc is deprecated: set "
+                             "normalize alone)")
+        data["normalize"] = "nfc"
+        warnings.warn("corpus.nfc is deprecated: use corpus.normalize: nfc (or nfkc) (docs/data.md)", FutureWarning,
+                      stacklevel=2)
+    return data
+
 
 class CorpusConfig(Section):
     """Where pretraining text comes from, and how it is cleaned and split."""
@@ -172,12 +201,17 @@ class CorpusConfig(Section):
     )
     min_chars: int = Field(1, ge=1, description="Documents shorter than this many characters are dropped.")
     max_chars: int | None = Field(None, ge=1, description="Documents longer than this many characters are dropped.")
-    nfc: bool = Field(False, description="Normalise text to Unicode NFC before filtering and deduplication.")
+    normalize: Normalization = _normalize("documents", "filtering and deduplication")
     dedup: bool = Field(True, description="Drop exact duplicate documents (by content hash).")
     invalid_utf8: Literal["fail", "replace"] = Field(
         "fail", description="Undecodable UTF-8 in a file: 'fail' names the file and byte offset; 'replace' substitutes "
         "U+FFFD and counts it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nfc_alias(cls, data: Any) -> Any:
+        return _legacy_nfc(data)
 
     @model_validator(mode="after")
     def _lengths(self) -> CorpusConfig:
@@ -310,6 +344,7 @@ class LabeledConfig(Section):
         None, ge=2, description="Score on at most this many test rows: a fixed subset drawn stratified by label "
         "with the seed, the same in every run. Unset: every row.",
     )
+    normalize: Normalization = _normalize("texts", "empty rows are dropped and splits are drawn")
     split_groups: Literal["none", "duplicate_text", "contained_text"] = Field(
         "none", description="How rows split off train for validation/test are drawn. 'none': single rows. "
         "'duplicate_text': rows with the same text (whitespace aside) go together and a held-out text is scored "
@@ -781,7 +816,7 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
 
 
 def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
 def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:

@@ -34,7 +34,7 @@ from tasks.artifacts import LabeledRef
 from tasks.classifier import encode_texts, predict_proba
 from tasks.config import RegistryConfig
 from tasks.errors import DataError, LlmpipeError
-from tasks.evaluate import baseline_predictions
+from tasks.evaluate import fit_baselines, split_texts
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import SCORES
 from tasks.predict import MODEL_WORK
@@ -247,21 +247,25 @@ def quality_floor(reg: RegistryConfig, labeled: LabeledRef, candidate: np.ndarra
     does not beat decides (``GateResult`` with ``promote`` False), else the last comparison.
 
     The majority class is always required, TF-IDF + logistic regression when ``registry.baseline_floor`` asks
-    for it. The test is the gate's own (``registry.significance_test``) at ``FLOOR_ALPHA``, which no run
-    parameter can loosen.
+    for it: ``evaluate.fit_baselines``, the evaluation's own, so it chooses the same features on the same
+    validation split and predicts the same labels as the report's baseline. The test is the gate's own
+    (``registry.significance_test``) at ``FLOOR_ALPHA``, which no run parameter can loosen.
     """
     texts, y_true, label2id = held_out_split(labeled)
     train = load_split(labeled, "train")
     train_y = np.array([int(r["label"]) for r in train], dtype=np.int64)
     baselines = {"majority": np.full(len(texts), int(np.argmax(np.bincount(train_y, minlength=len(label2id)))))}
+    what = {"majority": "the majority baseline"}
     if reg.baseline_floor == "tfidf_logreg":
-        proba = baseline_predictions([r["text"] for r in train], train_y, texts, len(label2id), seed)
+        proba, features = fit_baselines([r["text"] for r in train], train_y, texts, len(label2id), seed,
+                                        split_texts(load_split(labeled, "validation")))
         baselines["tfidf_logreg"] = proba["tfidf_logreg"].argmax(axis=1)
+        what["tfidf_logreg"] = f"the tfidf_logreg baseline ({features['features']})"
     result = None
     for name, predicted in baselines.items():
         result = compare(np.array(y_true), candidate, predicted, metric=reg.metric, n_labels=len(label2id),
                          test=reg.significance_test, alpha=FLOOR_ALPHA, margin=0.0, samples=reg.bootstrap_samples,
-                         seed=seed, versus=f"the {name} baseline")
+                         seed=seed, versus=what[name])
         if not result.promote:
             return result, name
     return result, name

@@ -1,6 +1,6 @@
 """Ingestion: sources -> validated, cleaned, deduplicated, deterministically split JSONL artifacts.
 
-The pretraining corpus streams through one pass: read (``tasks.sources``), optional NFC normalisation,
+The pretraining corpus streams through one pass: read (``tasks.sources``), optional Unicode normalisation,
 strip, drop empty, drop too short or too long, drop exact duplicates (by content hash), assign a split
 by the hash of the document, and write; training documents are repeated by their source's weight. A
 document's split depends on its content alone, so adding documents never moves existing ones. The
@@ -64,6 +64,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# ---------------------------------------------------------------------------------------------- normalisation
+
+
+def normalize_text(text: str, form: str) -> str:
+    """``text`` in Unicode normalisation form ``form`` ('none', 'nfc' or 'nfkc')."""
+    return text if form == "none" else unicodedata.normalize(form.upper(), text)
+
+
+def corpus_fingerprinted(cfg: CorpusConfig) -> dict[str, Any]:
+    """The corpus section as the fingerprint hashes it: ``normalize`` in the form of before (the boolean ``nfc``), so
+    corpora built before it are found again; only NFKC, which did not exist then, adds a key."""
+    out = cfg.model_dump(mode="json", exclude={"normalize"})
+    out["nfc"] = cfg.normalize == "nfc"
+    if cfg.normalize not in ("none", "nfc"):
+        out["normalize"] = cfg.normalize
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- corpus
 
 
@@ -98,7 +116,7 @@ def ingest_corpus(cfg: CorpusConfig, workspace: Workspace, seed: int = 0,
     """
     utf8 = Utf8Policy(cfg.invalid_utf8)
     sources = [open_corpus_source(i, s, seed, frames, utf8) for i, s in enumerate(cfg.sources)]
-    fp = fingerprint(STAGE_VERSION, [s.identity for s in sources], cfg)
+    fp = fingerprint(STAGE_VERSION, [s.identity for s in sources], corpus_fingerprinted(cfg))
 
     def build(out: Path) -> dict[str, Any]:
         splits = [s for s in SPLITS if s != "test" or cfg.test_fraction > 0]
@@ -129,7 +147,7 @@ def ingest_corpus(cfg: CorpusConfig, workspace: Workspace, seed: int = 0,
             "long_dropped": _total(per_source, "long"),
             "duplicates_dropped": _total(per_source, "duplicate"),
             "invalid_utf8_replaced": utf8.replaced,
-            "nfc_changed": _total(per_source, "nfc_changed"),
+            "normalized_changed": _total(per_source, "normalized_changed"),
             "splits": splits,
             **{f"{s}_documents": written[s]["documents"] for s in splits},
             "train_chars": written["train"]["chars"],
@@ -152,9 +170,9 @@ def _clean_and_split(cfg: CorpusConfig, sources: list, files: dict[str, Any],
         for raw in source.documents():
             c["read"] += 1
             text = raw
-            if cfg.nfc:
-                text = unicodedata.normalize("NFC", text)
-                c["nfc_changed"] += text != raw
+            if cfg.normalize != "none":
+                text = normalize_text(text, cfg.normalize)
+                c["normalized_changed"] += text != raw
             text = text.strip()
             if not text:
                 c["empty"] += 1
@@ -206,7 +224,7 @@ def _corpus_report(cfg: CorpusConfig, per_source: list, splits: list[str], lengt
         "steps": steps,
         "sources": [
             {"source": source.label, "kind": spec.kind, "weight": spec.weight, "read": c["read"],
-             "invalid_utf8_replaced": c["invalid_utf8_replaced"], "nfc_changed": c["nfc_changed"],
+             "invalid_utf8_replaced": c["invalid_utf8_replaced"], "normalized_changed": c["normalized_changed"],
              "empty_dropped": c["empty"], "short_dropped": c["short"], "long_dropped": c["long"],
              "duplicates_dropped": c["duplicate"], **{s: c[s] for s in splits},
              "train_written": c["train_written"]}
@@ -215,7 +233,7 @@ def _corpus_report(cfg: CorpusConfig, per_source: list, splits: list[str], lengt
         "splits": {s: {"documents": _total(per_source, f"{s}_written"), "unique_documents": _total(per_source, s),
                        "chars": _total(per_source, f"{s}_chars")} for s in splits},
         "length_histogram": _histogram(lengths),
-        "settings": {"nfc": cfg.nfc, "dedup": cfg.dedup, "invalid_utf8": cfg.invalid_utf8,
+        "settings": {"normalize": cfg.normalize, "dedup": cfg.dedup, "invalid_utf8": cfg.invalid_utf8,
                      "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction},
     }
 
@@ -248,6 +266,7 @@ class _LabeledReader:
         self.cfg = cfg
         self.names = {str(i): name for i, name in enumerate(cfg.label_names)} or names or {}
         self.empty: Counter = Counter()
+        self.normalized: Counter = Counter()  # rows whose text normalisation changed, per split
 
     def rows(self, origin: str, rows: Iterable[tuple[str, Mapping[str, Any]]], split: str) -> list[dict[str, Any]]:
         cfg, out = self.cfg, []
@@ -264,7 +283,10 @@ class _LabeledReader:
                 label = self.names[label]
             if cfg.labels and label not in cfg.labels:
                 raise DataError(f"{origin}: {where}: unknown label {excerpt(label)}; labeled.labels is {cfg.labels}")
-            text = join_text(row, cfg.text_columns).strip()
+            joined = join_text(row, cfg.text_columns)
+            text = normalize_text(joined, cfg.normalize)
+            self.normalized[split] += text != joined
+            text = text.strip()
             if not text:
                 self.empty[split] += 1
                 continue
@@ -314,6 +336,8 @@ def fingerprinted(cfg: LabeledConfig) -> dict[str, Any]:
         flat.update(sample_train=src.train_rows, sample_eval=src.eval_rows)
     # The label budget joined later: unset, it leaves the fingerprints of before unchanged.
     unset = {k for k in ("max_train_examples", "max_test_examples") if getattr(cfg, k) is None}
+    if cfg.normalize == "none":  # so did normalisation
+        unset.add("normalize")
     return {**cfg.model_dump(mode="json", exclude={"source", *unset}), **flat}
 
 
@@ -376,7 +400,8 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
             data = sample_data.sentiment_dataset(
                 seed=seed, n_train=src.train_rows, n_validation=src.eval_rows, n_test=src.eval_rows
             )
-            splits = {k: [{"text": r["text"], "label": r["label"]} for r in v] for k, v in data.items()}
+            splits = {k: [{"text": normalize_text(r["text"], cfg.normalize), "label": r["label"]} for r in v]
+                      for k, v in data.items()}
             origin = {k: "built-in sample" for k in splits}
         elif src.kind == "files":
             for split in SPLITS:
@@ -435,8 +460,9 @@ def ingest_labeled(cfg: LabeledConfig, workspace: Workspace, seed: int = 0,
                                        "origin": origin, "splits_given": given,
                                        "held_out_group_rows_left_out": left_out, "budget": budget,
                                        "held_out_texts_in_train": _texts_in_train(splits),
-                                       "empty_text_dropped": dict(reader.empty)})
-        log.info("labeled data: %s", json.dumps(balance))
+                                       "empty_text_dropped": dict(reader.empty),
+                                       "normalize": cfg.normalize, "normalized_changed": dict(reader.normalized)})
+        log.info("labeled data: %s", json.dumps(balance, ensure_ascii=False))
         return {"id2label": id2label, "class_balance": balance, "rows": rows_count, "splits_given": given}
 
     return workspace.materialize(LabeledRef, fp, build, stage="ingest_labeled", config=cfg)

@@ -411,9 +411,9 @@ def register_classifier(
     for target in dict.fromkeys([run_id, parent]):  # this run and, inside a flow, the flow's parent run
         if target:
             client.log_batch(target, metrics=_report_metrics(cls, lmr))
-            client.log_dict(target, cls, "reports/classifier.json")
+            client.log_text(target, readable_json(cls), "reports/classifier.json")
             if lmr:
-                client.log_dict(target, lmr, "reports/language_model.json")
+                client.log_text(target, readable_json(lmr), "reports/language_model.json")
     client.log_inputs(run_id, datasets=dataset_inputs([labeled], {"labeled": ["test"]}))
     if parent:  # the flow's run lists every data set the model came from
         corpus_fp = artifact_lineage(lm).get("llmpipe.corpus_fingerprint")
@@ -505,6 +505,11 @@ def _labeled_of(classifier: CheckpointRef) -> LabeledRef:
         raise DataError(f"{classifier.dir / MANIFEST}: cannot find the labeled data set this classifier was "
                         f"trained on (labeled/{fp}); pass it explicitly")
     return ref
+
+
+def readable_json(obj: Any) -> str:
+    """JSON as ``log_dict`` writes it, but with every script as itself (Chinese text, not \\uXXXX escapes)."""
+    return json.dumps(obj, indent=2, default=str, ensure_ascii=False)
 
 
 def _report_metrics(cls_report: dict[str, Any], lm_report: dict[str, Any] | None) -> list:

@@ -302,3 +302,27 @@ def constant_classifier(ws: Workspace, labeled: LabeledRef, tmp: Path) -> Checkp
         return {"task": "text-classification"}
 
     return ws.materialize(CheckpointRef, "constant-classifier", build, stage="test")
+
+
+def chinese_reviews(n: int, seed: int, positive_share: float = 0.4) -> list[dict[str, str]]:
+    """Takeaway reviews in Chinese, written without spaces as real ones are: a clause or two of random filler
+    characters around one sentiment word, so no two reviews share a whole clause (what word n-grams see: a clause
+    is one "word") while their characters give the label away."""
+    rng = np.random.default_rng(seed)
+    filler = list("送餐米饭师傅今天外卖包装分量价格店家骑手这家菜品汤面")
+    words = {"positive": ["好吃", "很快", "满意", "新鲜", "推荐"], "negative": ["难吃", "太慢", "失望", "变质", "差劲"]}
+    rows = []
+    for _ in range(n):
+        label = "positive" if rng.random() < positive_share else "negative"
+        clauses = ["".join(rng.choice(filler, rng.integers(2, 5))) + str(rng.choice(words[label]))
+                   + "".join(rng.choice(filler, rng.integers(1, 3))) for _ in range(rng.integers(1, 3))]
+        rows.append({"text": "，".join(clauses) + "。", "label": label})
+    return rows
+
+
+def chinese_labeled(root: Path, seed: int = 0) -> LabeledConfig:
+    """``chinese_reviews`` as train/validation/test JSONL files (300/60/100 rows)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {split: jsonl_file(root / f"{split}.jsonl", chinese_reviews(n, seed + i))
+             for i, (split, n) in enumerate({"train": 300, "validation": 60, "test": 100}.items())}
+    return LabeledConfig(source=LabeledFiles(**{k: str(p) for k, p in paths.items()}))

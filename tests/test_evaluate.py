@@ -13,7 +13,14 @@ from flows import reports
 from tasks import evaluate, ingest, metrics
 from tasks.artifacts import CheckpointRef, LabeledRef, Workspace
 from tasks.errors import DataError
-from tests.support import Chain, constant_classifier, imbalanced_labeled, tiny_config, write_labeled_csvs
+from tests.support import (
+    Chain,
+    chinese_reviews,
+    constant_classifier,
+    imbalanced_labeled,
+    tiny_config,
+    write_labeled_csvs,
+)
 
 # ================================================================ metrics
 
@@ -32,6 +39,60 @@ def test_baselines_predict_the_majority_class_and_fit_tfidf_on_train_only() -> N
     np.testing.assert_allclose(proba["majority"], [[0.4, 0.6]] * 3)  # the training class frequencies
     assert proba["tfidf_logreg"][:2].argmax(1).tolist() == [0, 1]
     np.testing.assert_allclose(proba["tfidf_logreg"].sum(1), 1.0)
+
+
+def _split(rows: list[dict]) -> tuple[list[str], np.ndarray]:
+    return [r["text"] for r in rows], np.array([int(r["label"] == "positive") for r in rows])
+
+
+def test_on_chinese_text_the_tfidf_baseline_chooses_character_ngrams() -> None:
+    """Chinese has no spaces: word n-grams see each clause as one token and learn nothing that generalises."""
+    train, val, test = (_split(chinese_reviews(n, seed)) for n, seed in ((300, 0), (60, 1), (100, 2)))
+    proba, info = evaluate.fit_baselines(*train, test[0], 2, 0, validation=val)
+    assert info["chosen"] == "char" and info["features"] == "char_wb 1-3-grams" and info["validation_rows"] == 60
+    scores = info["validation_macro_f1"]
+    assert list(scores) == list(evaluate.TFIDF_FEATURES)
+    assert scores["char"] > 0.95 > 0.6 > scores["word"]
+    assert metrics.macro_f1(test[1], proba["tfidf_logreg"].argmax(1), 2) > 0.95
+    again = evaluate.fit_baselines(*train, test[0], 2, 0, validation=val)
+    assert again[1] == info and np.array_equal(again[0]["tfidf_logreg"], proba["tfidf_logreg"])  # deterministic
+
+
+def test_on_english_text_the_tfidf_baseline_keeps_word_ngrams_or_the_union() -> None:
+    rng = np.random.default_rng(0)
+    filler = ["the", "rice", "delivery", "driver", "order", "box", "soup", "today", "was", "and", "it", "with", "our"]
+    cue = {1: ["good", "great", "tasty"], 0: ["bad", "awful", "cold"]}
+
+    def rows(n: int) -> tuple[list[str], np.ndarray]:
+        y = (rng.random(n) < 0.5).astype(np.int64)
+        return [" ".join([*rng.choice(filler, 4), str(rng.choice(cue[int(k)])), *rng.choice(filler, 3)])
+                for k in y], y
+
+    train, val, test = rows(200), rows(50), rows(50)
+    proba, info = evaluate.fit_baselines(*train, test[0], 2, 0, validation=val)
+    scores = info["validation_macro_f1"]
+    assert info["chosen"] in ("word", "word+char") and scores["word"] == 1.0
+    # Ties go to the earlier candidate: here every candidate is perfect, and word n-grams (first) are kept.
+    assert info["chosen"] == "word" and max(scores.values()) == scores["word"]
+    assert metrics.accuracy(test[1], proba["tfidf_logreg"].argmax(1), 2) == 1.0
+
+
+def test_character_ngrams_are_scikit_learns_char_wb_matrix() -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    train = [r["text"] for r in chinese_reviews(40, 0)] + ["Hello  World\tagain, Straße", "ﬁne ÀB a", " ", "x\u3000y"]
+    test = [r["text"] for r in chinese_reviews(10, 1)] + ["unseen words: hello zzz", ""]
+    ours, theirs = evaluate.CharNgramTfidf(), TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True)
+    a, b = ours.fit_transform(train), theirs.fit_transform(train)
+    assert ours.ngrams == theirs.vocabulary_ and a.shape == b.shape
+    assert abs(a - b).max() < 1e-12 and abs(ours.transform(test) - theirs.transform(test)).max() < 1e-12
+
+
+def test_without_validation_rows_the_tfidf_baseline_uses_the_union() -> None:
+    train = ["good fine day", "good fine night", "bad awful day", "good fine dawn", "bad awful dusk"]
+    proba, info = evaluate.fit_baselines(train, np.array([1, 1, 0, 1, 0]), ["awful bad", "fine good"], 2, 0)
+    assert info["chosen"] == "word+char" and info["validation_macro_f1"] == {}
+    assert proba["tfidf_logreg"].argmax(1).tolist() == [0, 1]
 
 
 # ================================================================ the classifier report
@@ -71,9 +132,29 @@ def test_the_report_holds_every_metric_table_and_the_confusion_png(imbalanced, t
     assert len(mistakes) == 4 and all(m["predicted"] == "meh" != m["label"] for m in mistakes)
     png = ref.dir / report["confusion_matrix_png"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    features = report["tfidf_features"]
+    assert features["chosen"] in evaluate.TFIDF_FEATURES and features["validation_rows"] == 10
     markdown = reports.classifier_markdown(report)
     assert "| tfidf_logreg |" in markdown and "| **meh** | 0 | 0 | 18 |" in markdown
+    assert f"TF-IDF + LR used **{features['features']}** (chosen by macro-F1 on the 10 validation rows: word " \
+        in markdown
     assert "### Most confident mistakes" in markdown
+
+
+def test_the_quality_floor_uses_the_reports_tfidf_baseline(imbalanced, tmp_path: Path) -> None:
+    """The gate's floor fits the same baseline on the same splits: the same features, the same test score."""
+    from tasks import gate
+    from tasks.config import RegistryConfig
+
+    ws, labeled = imbalanced
+    report = evaluate.evaluate_classifier(constant_classifier(ws, labeled, tmp_path), labeled,
+                                          tiny_config(ws.root).evaluate, ws, 32, 0).load()
+    _, y_true, _ = gate.held_out_split(labeled)
+    reg = RegistryConfig(baseline_floor="tfidf_logreg", metric="accuracy")
+    result, baseline = gate.quality_floor(reg, labeled, np.array(y_true), seed=0)
+    assert baseline == "tfidf_logreg"
+    assert result.champion_score == report["baselines"]["tfidf_logreg"]["accuracy"]
+    assert f"the tfidf_logreg baseline ({report['tfidf_features']['features']})" in result.reason
 
 
 def test_a_classifier_for_other_labels_is_refused(imbalanced, tmp_path: Path) -> None:

@@ -133,6 +133,26 @@ def test_the_quality_floor_needs_a_significant_win_over_the_baselines(tmp_path: 
     assert gate.quality_floor(tfidf, labeled, y_true)[0].promote
 
 
+def test_on_chinese_text_the_floor_is_tfidf_over_character_ngrams(tmp_path: Path) -> None:
+    """The floor chooses the baseline's features as the evaluation does, on the validation split: on Chinese, character
+    n-grams, a real floor (word n-grams would put it near the majority class)."""
+    from tasks import evaluate, ingest
+    from tests.support import chinese_labeled
+
+    labeled = ingest.ingest_labeled(chinese_labeled(tmp_path / "data"), Workspace(tmp_path / "ws"))
+    texts, y_true, label2id = gate.held_out_split(labeled)
+    split = {s: evaluate.split_texts(ingest.load_split(labeled, s)) for s in ("train", "validation")}
+    proba, info = evaluate.fit_baselines(*split["train"], texts, len(label2id), 0, split["validation"])
+    assert info["chosen"] == "char"
+    expected = metrics.macro_f1(np.array(y_true), proba["tfidf_logreg"].argmax(1), len(label2id))
+    reg = RegistryConfig(baseline_floor="tfidf_logreg", metric="macro_f1")
+    fair = np.array(y_true)
+    fair[:20] = 1 - fair[:20]  # 80% right: clears the majority class, not character n-grams
+    result, baseline = gate.quality_floor(reg, labeled, fair)
+    assert not result.promote and baseline == "tfidf_logreg" and result.champion_score == expected > 0.95
+    assert "the tfidf_logreg baseline (char_wb 1-3-grams)" in result.reason
+
+
 # ---------------------------------------------------------------------------------------------- registered versions
 # Tiny BERT classifiers that predict one class for every text, saved in the layout register_classifier logs (the
 # transformers flavor), registered on the session's SQLite store from a folder, and two labeled sets in one

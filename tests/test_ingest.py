@@ -198,6 +198,39 @@ def test_bom_and_crlf_are_not_part_of_the_text(tmp_path: Path, ws: Workspace) ->
     assert sorted(_all_texts(ref)) == sorted(_docs(10))
 
 
+def test_normalize_folds_full_width_forms_before_dedup_and_only_then_changes_the_identity(tmp_path: Path,
+                                                                                          ws: Workspace) -> None:
+    """NFKC maps full-width ASCII (common in Chinese text) to half-width, so the two spellings of one review are
+    duplicates; NFC leaves them apart. Off (the default), the corpus keeps the fingerprint of before."""
+    half = "Order 123 came fast, rice was hot (ok)!"
+    full = "Ｏｒｄｅｒ １２３ ｃａｍｅ ｆａｓｔ， ｒｉｃｅ ｗａｓ ｈｏｔ （ｏｋ）！"
+    assert unicodedata.normalize("NFKC", full) == half != unicodedata.normalize("NFC", full)
+    path = jsonl_file(tmp_path / "reviews.jsonl", [{"text": t} for t in [*_docs(20), half, full, "外卖很快，好吃！"]])
+    src = FilesSource(paths=[str(path)])
+    refs = {form: ingest.ingest_corpus(_corpus(src, normalize=form), ws) for form in ("none", "nfc", "nfkc")}
+    assert refs["none"].meta["duplicates_dropped"] == refs["nfc"].meta["duplicates_dropped"] == 0
+    assert refs["nfkc"].meta["duplicates_dropped"] == 1 and refs["nfkc"].meta["normalized_changed"] == 2
+    assert full not in _all_texts(refs["nfkc"]) and "外卖很快,好吃!" in _all_texts(refs["nfkc"])
+    assert full in _all_texts(refs["none"]) and refs["none"].meta["normalized_changed"] == 0
+    assert len({r.fingerprint for r in refs.values()}) == 3
+    assert ingest.load_data_report(refs["nfkc"])["settings"]["normalize"] == "nfkc"
+
+
+def test_the_deprecated_nfc_switch_is_normalize_nfc_and_fingerprints_are_those_of_before(ws: Workspace) -> None:
+    """``corpus.nfc: true`` still works (with a warning) and names the same corpus as ``normalize: nfc``; both, and
+    normalisation off, keep the fingerprints corpora had before ``normalize`` existed (pinned from that code)."""
+    sample = [SampleSource(documents=300)]
+    with pytest.warns(FutureWarning, match="corpus.nfc is deprecated"):
+        old = CorpusConfig(sources=sample, nfc=True)
+    assert old == CorpusConfig(sources=sample, normalize="nfc")
+    assert CorpusConfig(sources=sample, nfc=False) == CorpusConfig(sources=sample)
+    assert ingest.ingest_corpus(CorpusConfig(sources=sample), ws).fingerprint == "5c7726ca54406e667bb1"
+    assert ingest.ingest_corpus(old, ws).fingerprint == "188d1fa67f5164761c06"
+    assert load_config(None, ["corpus.normalize=nfkc"]).corpus.normalize == "nfkc"
+    with pytest.raises(ConfigError, match="corpus.normalize"):
+        load_config(None, ["corpus.normalize=nfd"])
+
+
 def test_nfc_empty_length_and_dedup_counts(tmp_path: Path, ws: Workspace) -> None:
     composed = "Caf\u00e9 au lait at the harbour, a long enough document."
     decomposed = unicodedata.normalize("NFD", composed)
@@ -210,8 +243,8 @@ def test_nfc_empty_length_and_dedup_counts(tmp_path: Path, ws: Workspace) -> Non
     assert raw.meta["documents_read"] == 27
     assert (raw.meta["empty_dropped"], raw.meta["short_dropped"], raw.meta["long_dropped"]) == (2, 1, 1)
     assert raw.meta["duplicates_dropped"] == 1  # the repeated first document; the NFD form differs byte-wise
-    nfc = ingest.ingest_corpus(_corpus(src, min_chars=10, max_chars=200, nfc=True), ws)
-    assert nfc.meta["duplicates_dropped"] == 2 and nfc.meta["nfc_changed"] == 1
+    nfc = ingest.ingest_corpus(_corpus(src, min_chars=10, max_chars=200, normalize="nfc"), ws)
+    assert nfc.meta["duplicates_dropped"] == 2 and nfc.meta["normalized_changed"] == 1
     assert decomposed not in _all_texts(nfc)
     no_dedup = ingest.ingest_corpus(_corpus(src, min_chars=10, max_chars=200, dedup=False), ws)
     assert no_dedup.meta["duplicates_dropped"] == 0

@@ -87,6 +87,28 @@ def test_labeled_unknown_label_in_a_given_split_names_file_and_row(tmp_path: Pat
     assert f"{tmp_path / 'test.csv'}: row 6: label '5' does not occur in training labels ['0', '1']" in msg
 
 
+def test_labeled_normalize_folds_full_width_text_before_splitting_and_only_then_changes_the_identity(
+        tmp_path: Path, ws: Workspace) -> None:
+    """NFKC turns full-width spellings into half-width ones before the splits are drawn, so ``duplicate_text`` keeps
+    the two spellings of one review together; off (the default), the fingerprint is that of before."""
+    rows = [{"text": f"Review {i}: fine, {lab}.", "label": lab} for i in range(30) for lab in ("bad", "good")]
+    rows += [{"text": "Ｔｈｅ ｒｉｃｅ ｗａｓ ｃｏｌｄ！", "label": "bad"}, {"text": "The rice was cold!", "label": "bad"},
+             {"text": "送餐很快，好吃！", "label": "good"}]
+    src = LabeledFiles(train=str(jsonl_file(tmp_path / "train.jsonl", rows)))
+    refs = {form: ingest.ingest_labeled(LabeledConfig(source=src, normalize=form, split_groups="duplicate_text"), ws)
+            for form in ("none", "nfc", "nfkc")}
+    assert len({r.fingerprint for r in refs.values()}) == 3
+    assert ingest.fingerprinted(LabeledConfig(source=src)) == ingest.fingerprinted(
+        LabeledConfig(source=src, normalize="none"))
+    assert "normalize" not in ingest.fingerprinted(LabeledConfig(source=src))  # off: the identity of before
+    every = {form: [t for s in ("train", "validation", "test") for t in texts(ref, s)] for form, ref in refs.items()}
+    assert "Ｔｈｅ ｒｉｃｅ ｗａｓ ｃｏｌｄ！" in every["none"] and "送餐很快,好吃!" in every["nfkc"]
+    assert "The rice was cold!" in every["nfkc"] and not any("Ｔ" in t for t in every["nfkc"])
+    report = ingest.load_data_report(refs["nfkc"])
+    assert report["normalize"] == "nfkc" and report["normalized_changed"] == {"train": 2}
+    assert report["held_out_texts_in_train"] == {"validation": 0, "test": 0}  # one text now: kept together
+
+
 def test_labeled_fingerprints_hash_the_flat_form_of_before_the_source_kinds(tmp_path: Path, ws: Workspace) -> None:
     """Labeled artifacts built before ``labeled.source`` had kinds keep their fingerprints, so they are reused."""
     assert ingest.ingest_labeled(load_config("tiny").labeled, ws).fingerprint == "cfd30be0f887e5465b81"
