@@ -219,9 +219,10 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def terminal() -> bool:
-    """Whether stdout is a terminal that can redraw a live display (not a pipe, a file, or TERM=dumb)."""
-    return _isatty(sys.stdout) and os.environ.get("TERM", "") not in ("dumb", "unknown")
+def terminal(stream: Any = None) -> bool:
+    """Whether ``stream`` (default stdout) is a terminal that can redraw a live display (not a pipe, a file, or
+    TERM=dumb)."""
+    return _isatty(stream or sys.stdout) and os.environ.get("TERM", "") not in ("dumb", "unknown")
 
 
 def cmd_run(cfg: PipelineConfig, flow: str = "pipeline", verbose: bool = False, progress: bool = True,
@@ -339,24 +340,25 @@ def use_registry(args: argparse.Namespace) -> PipelineConfig:
 def cmd_predict(args: argparse.Namespace) -> int:
     if bool(args.texts) == (args.input is not None):
         raise ConfigError("predict: give texts as arguments or one --input file, not both (nor neither)")
-    from tasks.predict import read_texts
-
-    uri = args.model  # a models:/ URI (checked by the parser)
-    rows, texts = read_texts(args.input, args.text_column) if args.input else ([], args.texts)
-    use_registry(args)
     from tasks import predict
 
+    uri = args.model  # a models:/ URI (checked by the parser)
+    total = predict.count_rows(args.input, args.text_column) if args.input else 0  # every row, before any model
+    use_registry(args)
     mv = predict.resolve_version(uri)
-    preds = predict.predict(f"models:/{mv.name}/{mv.version}", texts)
+    version_uri = f"models:/{mv.name}/{mv.version}"
     if args.input is None:
-        for row in preds:
+        for row in predict.predict(version_uri, args.texts):
             print(f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
         return 0
-    out = predict.write_predictions(args.input, rows, preds)
-    counts: dict[str, int] = {}
-    for row in preds:
-        counts[row["label"]] = counts.get(row["label"], 0) + 1
-    print(f"{len(preds)} predictions from {uri} (version {mv.version}) written to {out}")
+    with contextlib.ExitStack() as stack:
+        on_progress = None
+        if terminal(sys.stderr):
+            from flows.progress import rows_bar
+
+            on_progress = stack.enter_context(rows_bar(total, f"predict {args.input.name}"))
+        out, counts = predict.predict_file(version_uri, args.input, args.text_column, on_progress=on_progress)
+    print(f"{total} predictions from {uri} (version {mv.version}) written to {out}")
     print("  " + ", ".join(f"{label}: {n}" for label, n in sorted(counts.items())))
     return 0
 

@@ -315,3 +315,32 @@ def live(title: str, file: Any = None) -> Iterator[LiveDisplay]:
             yield display
         finally:
             _display = previous
+
+
+@contextlib.contextmanager
+def rows_bar(total: int, what: str, file: Any = None) -> Iterator[Any]:
+    """A bar of rows done out of ``total`` on a terminal (``file``; default stderr, so that stdout stays the
+    command's output), with rows per second and the time left. Yields the callback to give rows done to."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(file=file or sys.stderr, markup=False, highlight=False, emoji=False)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(what, total=total, rate="")
+        started = time.monotonic()
+
+        def advance(done: int) -> None:
+            rate = done / max(time.monotonic() - started, 1e-9)
+            progress.update(task, completed=done, rate=f"{rate:,.0f} rows/s")
+
+        yield advance

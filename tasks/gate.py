@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import LabeledRef
-from tasks.classifier import encode_texts, predict_proba
 from tasks.config import RegistryConfig
 from tasks.errors import DataError, LlmpipeError
 from tasks.evaluate import fit_baselines, split_texts
 from tasks.ingest import load_id2label, load_split
 from tasks.metrics import SCORES
-from tasks.predict import MODEL_WORK
+from tasks.serving import NoPadToken, TextClassifier
 from tasks.tracking import FP_TAG, mlflow_client
 
 # The significance level of the quality floor: a version must beat the baselines at least this clearly before it can
@@ -214,24 +213,18 @@ def version_ids(name: str, version: int, sets: list[LabeledRef], who: str) -> li
 
     Loaded only once ``vetted_files`` passes it, and only by transformers (safetensors, no remote code, no
     download), scored as the evaluation scores a checkpoint, truncated as registered."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     mv = mlflow_client().get_model_version(name, str(version))
     with tempfile.TemporaryDirectory(prefix="llmpipe-gate-") as tmp:
         model_dir, tokenizer_dir, max_length = vetted_files(mv, Path(tmp))
-        with MODEL_WORK:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), use_safetensors=True, trust_remote_code=False, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False,
-                                                      local_files_only=True)
-            if tokenizer.pad_token_id is None:
-                raise Refused(f"version {version} of {name} has no pad token")
-            out = []
-            for labeled in sets:
-                texts, _, label2id = held_out_split(labeled)
-                seqs = encode_texts(tokenizer, texts, max_length or tokenizer.model_max_length)
-                predicted = predict_proba(model, seqs, tokenizer.pad_token_id).argmax(axis=1)
-                out.append(label_ids([str(model.config.id2label[int(i)]) for i in predicted], label2id, who))
+        try:
+            classifier = TextClassifier(model_dir, tokenizer_dir, max_length)
+        except NoPadToken:
+            raise Refused(f"version {version} of {name} has no pad token") from None
+        out = []
+        for labeled in sets:
+            texts, _, label2id = held_out_split(labeled)
+            predicted = [label for label, _ in classifier.predict(texts)]
+            out.append(label_ids(predicted, label2id, who))
     return out
 
 

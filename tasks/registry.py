@@ -31,7 +31,8 @@ from tasks.artifacts import MANIFEST, ArtifactRef, CheckpointRef, LabeledRef, Re
 from tasks.config import PipelineConfig, RegistryConfig
 from tasks.errors import DataError, LlmpipeError
 from tasks.gate import TEST_SET_TAG
-from tasks.predict import MODEL_WORK, resolve_version
+from tasks.predict import resolve_version
+from tasks.serving import BATCH_SIZE, COMPILE_MIN_TEXTS, MODEL_WORK
 from tasks.tracking import (
     FP_TAG,
     artifact_lineage,
@@ -77,10 +78,11 @@ class ModelVersionRef(BaseModel):
 # ---------------------------------------------------------------------------------------------- versions, once per fingerprint
 
 
-def _pip_requirements() -> list[str]:
-    """Exact versions of what loading the model needs, so logging never resolves environments over the network."""
+def _pip_requirements(classifier: bool) -> list[str]:
+    """Exact versions of what loading the model needs, so logging never resolves environments over the network; a
+    classifier's pyfunc loader is llmpipe's (``tasks.serving``)."""
     reqs = []
-    for dist in ("mlflow", "transformers", "torch", "tokenizers", "safetensors"):
+    for dist in ("mlflow", "transformers", "torch", "tokenizers", "safetensors", *(["llmpipe"] if classifier else [])):
         version = metadata.version(dist).split("+")[0]
         reqs.append(f"{dist}=={version}")
     return reqs
@@ -121,9 +123,9 @@ def _wait_ready(client, name: str, version: str, timeout: float = 300.0) -> None
         time.sleep(0.5)
 
 
-def _register_once(client, name: str, fp: str, log_model: Callable[[], Any], run_id: str, tags: dict[str, str],
+def _register_once(client, name: str, fp: str, logged: Callable[[], Any], run_id: str, tags: dict[str, str],
                    description: str) -> tuple[Any, bool]:
-    """The version of ``name`` for fingerprint ``fp``: the existing one, or one made from ``log_model()``.
+    """The version of ``name`` for fingerprint ``fp``: the existing one, or one made from ``logged()``.
 
     Idempotent under retries (the fingerprint tag is looked up first) and under two racing writers (each
     creates, then the lowest version carrying the fingerprint wins and the other writer deletes its own).
@@ -132,7 +134,7 @@ def _register_once(client, name: str, fp: str, log_model: Callable[[], Any], run
     existing = find_version(client, name, fp)
     if existing is not None:
         return existing, "existing"
-    info = log_model()
+    info = logged()
     mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags={**tags, FP_TAG: fp},
                                      description=description, model_id=info.model_id)
     _wait_ready(client, name, mv.version)
@@ -145,34 +147,40 @@ def _register_once(client, name: str, fp: str, log_model: Callable[[], Any], run
     return client.get_model_version(name, mv.version), "created"
 
 
-def _signature(outputs: list[tuple[str, str]] | None):
+def _signature(outputs: list[tuple[str, str]] | None, classifier: bool):
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     out = Schema([ColSpec(t, n) for n, t in outputs]) if outputs else Schema([ColSpec("string")])
-    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=out)
+    params = ParamSchema([ParamSpec("batch_size", "long", BATCH_SIZE)]) if classifier else None
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=out, params=params)
 
 
-def _log_transformers(run_id: str, path: Path, name: str, task: str, model_config: dict[str, Any],
-                      input_example: list[str], outputs: list[tuple[str, str]] | None, threads: int):
-    import mlflow
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def log_model(run_id: str, experiment_id: str, path: Path, name: str, task: str, model_config: dict[str, Any],
+               input_example: list[str], outputs: list[tuple[str, str]] | None, max_length: int | None, threads: int):
+    """Log checkpoint ``path`` as a model of run ``run_id``, in the run's experiment, through ``tasks.serving``'s
+    flavor: MLflow's transformers flavor with a ``model`` folder that loads and batches on its own, and for a
+    classifier llmpipe's pyfunc loader (length-sorted batches). Label names, max length and truncation side are its
+    metadata."""
+    from mlflow.models import Model
 
+    from tasks import serving
     from tasks.training import set_threads
 
-    set_threads(threads)  # the flavor runs the model on the input example
-
+    set_threads(threads)  # logging runs the model on the input example
     # The flavor looks for a hub model card under the local path; quiet that expected miss.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
-    auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForCausalLM
-    with MODEL_WORK:
-        components = {"model": auto.from_pretrained(str(path)), "tokenizer": AutoTokenizer.from_pretrained(str(path))}
-        with shielded():
-            return mlflow.transformers.log_model(
-                transformers_model=components, name=name, task=task, run_id=run_id,
-                pip_requirements=_pip_requirements(), signature=_signature(outputs), input_example=input_example,
-                model_config=model_config,
-            )
+    classifier = task == "text-classification"
+    model, tokenizer, metadata = serving.prepare(path, task, max_length)
+    logged = mlflow_client().create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    with MODEL_WORK, shielded():
+        return Model.log(
+            artifact_path=None, name=name, flavor=serving, flavor_name="transformers",
+            transformers_model={"model": model, "tokenizer": tokenizer}, task=task, run_id=run_id,
+            model_id=logged.model_id, pip_requirements=_pip_requirements(classifier),
+            signature=_signature(outputs, classifier), input_example=input_example, model_config=model_config,
+            metadata=metadata,
+        )
 
 
 def _ref(mv, created: bool, run_id: str | None, experiment_id: str | None, **extra: Any) -> ModelVersionRef:
@@ -374,8 +382,8 @@ def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | N
     ppl = f"; validation perplexity {report['val_ppl']:.2f}" if "val_ppl" in report else ""
     mv, how = _register_once(
         client, reg.lm_name, lm.fingerprint,
-        lambda: _log_transformers(run_id, lm.dir, "language_model", "text-generation",
-                                  {"max_new_tokens": 20, "do_sample": False}, ["The"], None, cfg.runtime.threads),
+        lambda: log_model(run_id, experiment_id, lm.dir, "language_model", "text-generation",
+                           {"max_new_tokens": 20, "do_sample": False}, ["The"], None, None, cfg.runtime.threads),
         run_id, tags, f"llmpipe language model, fingerprint {lm.fingerprint}{ppl}.",
     )
     client.set_tag(run_id, "llmpipe.lm_version", str(mv.version))
@@ -430,9 +438,11 @@ def register_classifier(
     _ensure_registered_model(client, reg.model_name, "Text classifier trained by llmpipe.")
     mv, how = _register_once(
         client, reg.model_name, classifier.fingerprint,
-        lambda: _log_transformers(run_id, classifier.dir, "classifier", "text-classification",
-                                  {"truncation": True, "max_length": cfg.finetune.max_length}, EXAMPLE_TEXTS,
-                                  [("label", "string"), ("score", "double")], cfg.runtime.threads),
+        lambda: log_model(run_id, experiment_id, classifier.dir, "classifier", "text-classification",
+                           {"truncation": True, "max_length": cfg.finetune.max_length, "batch_size": BATCH_SIZE,
+                            "compile_min_texts": COMPILE_MIN_TEXTS},
+                           EXAMPLE_TEXTS, [("label", "string"), ("score", "double")], cfg.finetune.max_length,
+                           cfg.runtime.threads),
         run_id, tags, f"llmpipe classifier, fingerprint {classifier.fingerprint}.",
     )
     version = int(mv.version)

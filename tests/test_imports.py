@@ -20,7 +20,7 @@ TASKS_LAYERS = [
     ("base", ["errors", "confine", "redact", "artifacts", "config", "sample_data"]),
     ("shared parts", ["interrupts", "faults", "sources", "encoding", "checkpoints", "curves", "kernels", "metrics", "resume", "training",
                       "distributed", "classifier", "tracking"]),
-    ("stages", ["ingest", "tokenize", "pretrain", "finetune", "evaluate", "predict", "gate", "registry"]),
+    ("stages", ["ingest", "tokenize", "pretrain", "finetune", "evaluate", "serving", "predict", "gate", "registry"]),
     ("operations", ["policy", "gc"]),
 ]
 TASKS_ORDER = [f"tasks.{m}" for _, modules in TASKS_LAYERS for m in modules]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from flows.cli import main as cli
 from tasks import predict
 from tasks.errors import DataError, LlmpipeError
-from tasks.predict import read_texts, write_predictions
+from tasks.predict import count_rows, input_rows, prediction_writer
 from tasks.sources import Utf8Policy, table_rows
 
 
@@ -40,6 +41,11 @@ def test_predict_file_errors_name_the_file_row_and_column(tmp_path: Path, capsys
     assert cli(["predict", "--model", "m@champion", "--input", str(jsonl), "also a text"]) == 2
     assert cli(["predict", "--model", "nonsense", "some text"]) == 2  # a usage error
     assert not list(tmp_path.glob("*.predictions.*"))
+
+
+def read_texts(path: Path, column: str) -> tuple[list[dict], list[str]]:
+    rows = list(input_rows(path, column))
+    return [row for row, _ in rows], [text for _, text in rows]
 
 
 def test_predict_input_follows_the_same_strict_rules(tmp_path: Path) -> None:
@@ -76,9 +82,37 @@ def test_predict_input_rows_round_trip_through_write_predictions(tmp_path: Path)
     path.write_text('\ufeffid,text\n1,"two\nlines, and a comma"\n2,plain\n', encoding="utf-8")
     rows, texts = read_texts(path, "text")
     assert texts == ["two\nlines, and a comma", "plain"]
-    out = write_predictions(path, rows, [{"label": "pos", "score": 0.9}, {"label": "neg", "score": 0.8}])
+    with prediction_writer(path) as write:
+        write(rows[:1], [("pos", 0.9)])
+        write(rows[1:], [("neg", 0.8)])
+    out = tmp_path / "in.predictions.csv"
     assert [(r["id"], r["text"], r["label"]) for _, r in _rows(out, "csv", ["id", "text", "label", "score"])] == [
         ("1", "two\nlines, and a comma", "pos"), ("2", "plain", "neg")]
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text('{"id": 7, "text": "a"}\n', encoding="utf-8")
     assert read_texts(jsonl, "text") == ([{"id": 7, "text": "a"}], ["a"])
+
+
+def test_an_input_file_is_checked_whole_and_a_failed_run_leaves_no_predictions(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n', encoding="utf-8")
+    assert count_rows(path, "text") == 3
+    rows = [row for row, _ in input_rows(path, "text")]
+    with pytest.raises(RuntimeError, match="midway"), prediction_writer(path) as write:
+        write(rows[:2], [("pos", 0.9), ("neg", 0.8)])
+        raise RuntimeError("midway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # neither the file nor its temporary
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"in\.jsonl: no rows to predict"):
+        count_rows(path, "text")
+
+
+def test_the_progress_bar_shows_rows_done_and_their_rate() -> None:
+    from flows.progress import rows_bar
+
+    buf = io.StringIO()
+    with rows_bar(5000, "predict reviews.csv", file=buf) as advance:
+        advance(2048)
+        advance(5000)
+    shown = buf.getvalue()
+    assert "predict reviews.csv" in shown and "5000/5000" in shown and "rows/s" in shown
