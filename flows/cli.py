@@ -293,7 +293,8 @@ def print_summary(name: str, seconds: float, cfg: PipelineConfig, env: dict[str,
     (pipeline, finetune), then what to do next."""
     pre = result if hasattr(result, "lm_report") else getattr(result, "pretrain", None)
     fin = result if hasattr(result, "model_version") else getattr(result, "finetune", None)
-    refs = ([pre.corpus, pre.tokenizer, pre.tokens, pre.lm] if pre else []) + ([fin.classifier] if fin else [])
+    refs = ([pre.corpus, pre.tokenizer, pre.tokens, pre.lm, pre.lm_report] if pre else []) + \
+        ([fin.classifier, fin.report] if fin else [])
     reused = all(r.reused for r in refs)
     print()
     print(f"{name} finished in {seconds:.0f}s" + (" (every artifact reused)" if reused else ""))
@@ -302,18 +303,27 @@ def print_summary(name: str, seconds: float, cfg: PipelineConfig, env: dict[str,
         print(f"  language model: validation perplexity {lm['val_ppl']:.2f} (unigram baseline {lm['unigram_ppl']:.2f})")
     mv = None
     if fin is not None:
+        from tasks.evaluate import vs_tfidf
+
         mv = fin.model_version
         report = fin.report.load()
+        metric = cfg.registry.metric
+        delta = vs_tfidf(report)[metric]  # computed here too: a report reused from before it was recorded
+        name_of = {"accuracy": "accuracy", "macro_f1": "macro-F1"}[metric]
         print(f"  classifier:     test accuracy {report['model']['accuracy']:.4f}, "
               f"macro-F1 {report['model']['macro_f1']:.4f} "
               f"(TF-IDF+LR {report['baselines']['tfidf_logreg']['accuracy']:.4f}, macro-F1 "
               f"{report['baselines']['tfidf_logreg']['macro_f1']:.4f}"
-              + (f", on {report['tfidf_features']['features']})" if report.get("tfidf_features") else ")"))
+              + (f", on {report['tfidf_features']['features']})" if report.get("tfidf_features") else ")")
+              + f"; {abs(delta):.1f} points {'above' if delta >= 0 else 'below'} TF-IDF+LR in {name_of}")
         state = "registered" if mv.created else "already registered"
         print(f"  model:          {mv.uri} {state}; {mv.decision}")
         if mv.below_floor:
             print(f"  WARNING:        {mv.uri} does not beat the baselines on the test split (the quality floor); "
                   "it is not champion")
+        elif mv.created and cfg.registry.champion_alias in mv.aliases and delta < 0:
+            print(f"  WARNING:        the new champion {mv.uri} trails TF-IDF+LR by {-delta:.1f} points of {name_of} "
+                  "on the test split; registry.baseline_floor=tfidf_logreg keeps such a model from the alias")
     print()
     if mv is not None:
         alias_uri = mv.uri if mv.below_floor else f"models:/{mv.name}@{cfg.registry.champion_alias}"

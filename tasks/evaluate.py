@@ -344,14 +344,22 @@ def comparison_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def vs_tfidf(report: dict[str, Any]) -> dict[str, float]:
+    """By how much the classifier beats (positive) or trails (negative) TF-IDF + LR on the test split: accuracy and
+    macro-F1 differences, in points (hundredths)."""
+    tfidf = report["baselines"]["tfidf_logreg"]
+    return {metric: round(100 * (report[MODEL][metric] - tfidf[metric]), 2) for metric in ("accuracy", "macro_f1")}
+
+
 def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateConfig, workspace: Workspace,
                         max_length: int, seed: int = 0, threads: int | None = None) -> ReportRef:
     """Score the fine-tuned classifier on the test split beside baselines fit on the train split.
 
     The report (``report.json``) holds, for the model and for each baseline, accuracy, macro-F1, per-class
     precision/recall/F1 and the confusion matrix (``model``, ``baselines``), their calibration
-    (``calibration``: ECE and the reliability bins), the most confident mistakes, the test predictions, and a
-    ``comparison`` table; ``confusion_matrix.png`` plots the model's confusion matrix.
+    (``calibration``: ECE and the reliability bins), the most confident mistakes, the test predictions, a
+    ``comparison`` table, and ``vs_tfidf``: by how many points the classifier beats or trails TF-IDF + LR;
+    ``confusion_matrix.png`` plots the model's confusion matrix.
     """
     settings = cfg.model_dump(include={"batch_size", "calibration_bins", "confident_mistakes"})
     fp = fingerprint(STAGE_VERSION, "cls", BASELINES_VERSION, clf.fingerprint, labeled.fingerprint, settings,
@@ -397,6 +405,7 @@ def evaluate_classifier(clf: CheckpointRef, labeled: LabeledRef, cfg: EvaluateCo
             "confusion_matrix_png": CONFUSION_PNG,
         }
         report["comparison"] = comparison_rows(report)
+        report["vs_tfidf"] = vs_tfidf(report)
         m = report[MODEL]
         plot_confusion_matrix(m["confusion_matrix"], labels, f"test accuracy {m['accuracy']:.3f}, macro-F1 "
                               f"{m['macro_f1']:.3f} ({len(test_rows)} rows)", out / CONFUSION_PNG)

@@ -221,3 +221,43 @@ def test_an_unexpected_error_without_a_workspace_writes_the_traceback_to_the_tem
     m = ONE_LINE.fullmatch(capsys.readouterr().err)
     assert m and Path(m["path"]).parent == tmp_path / "tmp" and Path(m["path"]).is_file()
     _cwd_is_untouched()  # no workspace is created to hold it
+
+
+def _finetune_result(model: dict[str, float], tfidf: dict[str, float], aliases: list[str], below_floor: bool = False):
+    from types import SimpleNamespace
+
+    from tasks.registry import ModelVersionRef
+
+    report = {"model": model, "baselines": {"tfidf_logreg": tfidf}, "tfidf_features": {"features": "char"}}
+    mv = ModelVersionRef(name="m", version=2, uri="models:/m/2", created=True, aliases=aliases, below_floor=below_floor,
+                         decision="version 2 becomes champion: it beats version 1")
+    return SimpleNamespace(model_version=mv, report=SimpleNamespace(load=lambda: report, reused=False),
+                           classifier=SimpleNamespace(reused=False))
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
+def test_the_summary_says_how_far_the_classifier_is_from_tfidf_and_warns_of_a_champion_below_it(
+        metric: str, capsys) -> None:
+    from flows.cli import print_summary
+
+    cfg = load_config("tiny", [f"registry.metric={metric}"])
+    env = {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db", "PREFECT_HOME": "/tmp/prefect"}
+    trailing = _finetune_result({"accuracy": 0.85, "macro_f1": 0.80}, {"accuracy": 0.875, "macro_f1": 0.83},
+                                ["champion"])
+    print_summary("finetune", 10, cfg, env, trailing)
+    out = capsys.readouterr().out
+    points, name = (2.5, "accuracy") if metric == "accuracy" else (3.0, "macro-F1")
+    assert f"; {points:.1f} points below TF-IDF+LR in {name}" in out
+    assert (f"WARNING:        the new champion models:/m/2 trails TF-IDF+LR by {points:.1f} points of {name} on the "
+            "test split") in out
+
+    ahead = _finetune_result({"accuracy": 0.90, "macro_f1": 0.88}, {"accuracy": 0.875, "macro_f1": 0.83},
+                             ["champion"])
+    print_summary("finetune", 10, cfg, env, ahead)
+    out = capsys.readouterr().out
+    assert " points above TF-IDF+LR in " in out and "WARNING" not in out
+
+    challenger = _finetune_result({"accuracy": 0.85, "macro_f1": 0.80}, {"accuracy": 0.875, "macro_f1": 0.83},
+                                  ["challenger"])
+    print_summary("finetune", 10, cfg, env, challenger)
+    assert "WARNING" not in capsys.readouterr().out  # not crowned: nothing to warn of

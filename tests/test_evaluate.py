@@ -128,6 +128,9 @@ def test_the_report_holds_every_metric_table_and_the_confusion_png(imbalanced, t
     assert sum(b["rows"] for b in report["calibration"]["model"]["bins"]) == 30
     assert [r["model"] for r in report["comparison"]] == ["model", "majority", "tfidf_logreg"]
     assert set(report["comparison"][0]) == {"model", "accuracy", "macro_f1", "ece", "f1_bad", "f1_good", "f1_meh"}
+    tfidf = report["baselines"]["tfidf_logreg"]
+    assert report["vs_tfidf"] == {k: pytest.approx(100 * (report["model"][k] - tfidf[k]), abs=0.01)
+                                  for k in ("accuracy", "macro_f1")}
     mistakes = report["confident_mistakes"]
     assert len(mistakes) == 4 and all(m["predicted"] == "meh" != m["label"] for m in mistakes)
     png = ref.dir / report["confusion_matrix_png"]
