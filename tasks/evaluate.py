@@ -108,6 +108,8 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
     are generated only where the run may quote its data (``confine.may_quote``): a model can repeat what it read."""
     heldout = _heldout_files(cfg)
     settings = cfg.model_dump(include={"samples", "sample_tokens", "batch_size", "lm_heldout_max_tokens"})
+    if cfg.sample_prompts is not None:  # only when set: the default prompts' reports keep their fingerprints
+        settings["sample_prompts"] = cfg.sample_prompts
     fp = fingerprint(STAGE_VERSION, "lm", lm.fingerprint, tokens.fingerprint, settings,
                      [(str(p), digest) for p, digest in heldout.items()], block_size, seed)
 
@@ -130,7 +132,8 @@ def evaluate_lm(lm: CheckpointRef, tokens: TokensRef, cfg: EvaluateConfig, works
                                                    cfg.lm_heldout_max_tokens) for p in heldout}
         torch.manual_seed(seed)
         samples = []
-        for prompt in SAMPLE_PROMPTS[: cfg.samples if may_quote() else 0]:
+        prompts = SAMPLE_PROMPTS if cfg.sample_prompts is None else tuple(cfg.sample_prompts)
+        for prompt in prompts[: cfg.samples if may_quote() else 0]:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             gen = model.generate(ids, max_new_tokens=cfg.sample_tokens, do_sample=True, top_k=40,
                                  pad_token_id=tokenizer.pad_token_id)
