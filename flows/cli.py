@@ -367,7 +367,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             from flows.progress import rows_bar
 
             on_progress = stack.enter_context(rows_bar(total, f"predict {args.input.name}"))
-        out, counts = predict.predict_file(version_uri, args.input, args.text_column, on_progress=on_progress)
+        out, counts = predict.predict_file(version_uri, args.input, args.text_column, total, on_progress=on_progress)
     print(f"{total} predictions from {uri} (version {mv.version}) written to {out}")
     print("  " + ", ".join(f"{label}: {n}" for label, n in sorted(counts.items())))
     return 0

@@ -27,12 +27,55 @@ log = logging.getLogger("llmpipe")
 # ---------------------------------------------------------------------------------------------- texts
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+CHARS_PER_TOKEN = 6  # ``encode_texts(cut_long=True)`` first tokenizes this many characters per kept token
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, cut_long: bool = False) -> list[list[int]]:
     """Token ids per text, truncated to ``max_length`` on the tokenizer's ``truncation_side``, with the
-    model's special tokens (none for the pipeline's byte-level BPE; [CLS] ... [SEP] for BERT)."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    model's special tokens (none for the pipeline's byte-level BPE; [CLS] ... [SEP] for BERT).
+
+    ``cut_long``: a text far longer than ``max_length`` tokens is tokenized from its head alone where that gives the
+    same ids (``_head_ids``): scoring a long review then tokenizes a few hundred characters, not all of it."""
+    ids: list[list[int] | None] = [None] * len(texts)
+    if cut_long and tokenizer.truncation_side == "right" and _cuttable(tokenizer):
+        ids = _head_ids(tokenizer, texts, max_length)
+    rest = [i for i, seq in enumerate(ids) if seq is None]
+    if rest:
+        enc = tokenizer([texts[i] for i in rest], truncation=True, max_length=max_length)
+        for i, seq in zip(rest, enc["input_ids"], strict=True):
+            ids[i] = seq
     fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.unk_token_id
-    return [ids or [fallback] for ids in enc["input_ids"]]
+    return [seq or [fallback] for seq in ids]
+
+
+def _cuttable(tokenizer) -> bool:
+    """Whether ``_head_ids`` applies: a fast tokenizer with no normaliser that adds no special tokens (the
+    pipeline's byte-level BPE, either split)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return (backend is not None and backend.normalizer is None and backend.pre_tokenizer is not None
+            and tokenizer.num_special_tokens_to_add() == 0)
+
+
+def _head_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int] | None]:
+    """The first ``max_length`` ids of each text longer than ``CHARS_PER_TOKEN * max_length`` characters, from that
+    head of it, where they are provably the full text's; None for the others. Pre-tokens are cut from left to right,
+    each depending on at most one character past its end, so every pre-token of the head but its last is the
+    text's too, and BPE encodes pre-tokens one by one: kept tokens that all come from pre-tokens before the head's
+    last two (the tokenizer's own ``word_ids``) are the text's."""
+    head = CHARS_PER_TOKEN * max_length
+    long = [i for i, t in enumerate(texts) if len(t) > head]
+    out: list[list[int] | None] = [None] * len(texts)
+    if not long:
+        return out
+    # Heads are longer than the model's context on purpose (cut below): not the warning's case.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    enc = tokenizer([texts[i][:head] for i in long], truncation=False)
+    for k, i in enumerate(long):
+        words = enc.word_ids(k)
+        if len(words) > max_length and words[max_length - 1] is not None and words[-1] is not None \
+                and words[max_length - 1] < words[-1] - 1:
+            out[i] = enc["input_ids"][k][:max_length]
+    return out
 
 
 def no_cache(model: torch.nn.Module) -> dict[str, bool]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import DataError, LlmpipeError
-from tasks.serving import MODEL_WORK
+from tasks.serving import COMPILE_MIN_TEXTS, MODEL_WORK
 from tasks.sources import Utf8Policy, file_format, table_rows
 from tasks.tracking import mlflow_client, tracking_uri
 
@@ -142,15 +142,17 @@ def prediction_writer(path: Path) -> Iterator[Callable[[list[dict[str, Any]], li
         tmp.unlink(missing_ok=True)
 
 
-def predict_file(model_uri: str, path: Path, column: str, chunk: int = CHUNK,
+def predict_file(model_uri: str, path: Path, column: str, rows: int, chunk: int = CHUNK,
                  on_progress: Callable[[int], None] | None = None) -> tuple[Path, dict[str, int]]:
-    """Label every row of ``path`` with a registered classifier, ``chunk`` rows at a time (constant memory), into
-    ``<name>.predictions.<ext>`` beside it. Returns that file and the count of each label; ``on_progress`` gets
-    the number of rows done after each chunk. Check the file with ``count_rows`` first."""
+    """Label every row of ``path`` (``rows`` of them: ``count_rows`` checked the file first) with a registered
+    classifier, ``chunk`` rows at a time (constant memory), into ``<name>.predictions.<ext>`` beside it. A file of
+    at least ``COMPILE_MIN_TEXTS`` rows is scored through compiled kernels from its first chunk on. Returns that file
+    and the count of each label; ``on_progress`` gets the number of rows done after each chunk."""
     import mlflow
 
     with MODEL_WORK:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri, model_config={"compile_min_texts": 1}
+                                         if rows >= COMPILE_MIN_TEXTS else None)
     counts: dict[str, int] = {}
     done = 0
     with prediction_writer(path) as write:

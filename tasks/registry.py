@@ -32,7 +32,7 @@ from tasks.config import PipelineConfig, RegistryConfig
 from tasks.errors import DataError, LlmpipeError
 from tasks.gate import TEST_SET_TAG
 from tasks.predict import resolve_version
-from tasks.serving import BATCH_SIZE, COMPILE_MIN_TEXTS, MODEL_WORK
+from tasks.serving import COMPILE_MIN_TEXTS, MODEL_WORK
 from tasks.tracking import (
     FP_TAG,
     artifact_lineage,
@@ -152,7 +152,8 @@ def _signature(outputs: list[tuple[str, str]] | None, classifier: bool):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     out = Schema([ColSpec(t, n) for n, t in outputs]) if outputs else Schema([ColSpec("string")])
-    params = ParamSchema([ParamSpec("batch_size", "long", BATCH_SIZE)]) if classifier else None
+    # batch_size 0: the device's default (tasks.serving.BATCH_SIZE)
+    params = ParamSchema([ParamSpec("batch_size", "long", 0)]) if classifier else None
     return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=out, params=params)
 
 
@@ -439,7 +440,7 @@ def register_classifier(
     mv, how = _register_once(
         client, reg.model_name, classifier.fingerprint,
         lambda: log_model(run_id, experiment_id, classifier.dir, "classifier", "text-classification",
-                           {"truncation": True, "max_length": cfg.finetune.max_length, "batch_size": BATCH_SIZE,
+                           {"truncation": True, "max_length": cfg.finetune.max_length,
                             "compile_min_texts": COMPILE_MIN_TEXTS},
                            EXAMPLE_TEXTS, [("label", "string"), ("score", "double")], cfg.finetune.max_length,
                            cfg.runtime.threads),

@@ -49,3 +49,39 @@ def test_only_the_classification_head_may_be_missing_or_mismatched(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"mismatched transformer\.wte\.weight \(checkpoint \(64, 32\), model "
                                           r"\(80, 32\)\)"):
         classifier.load_classifier(mismatched, labels, pad_id=0, max_length=16)
+
+
+def _bpe(split: str, texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from tasks.tokenize import pre_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizer(split)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                       initial_alphabet=ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   model_max_length=16)
+
+
+@pytest.mark.parametrize("split", ["gpt2", "cjk"])
+def test_long_texts_cut_to_their_head_give_the_full_texts_ids(split: str) -> None:
+    """Scoring tokenizes a long text's head only where that is provably exact: the ids always equal the
+    library's for the whole text, on mixed English, Chinese, emoji, whitespace runs and special-token text."""
+    import random
+
+    rng = random.Random(0)
+    parts = ["the", " film", "  ", "   ", "\n", "\n\n", "好吃", "送餐很慢", "！", "🎬", "👍🏽", " 3.5", "don't", "<|endoftext|>",
+             "Très", " bien", ",", "\t", "味道一般", "x" * 30, " "]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 400))) for _ in range(300)]
+    tokenizer = _bpe(split, texts)
+    for max_length in (4, 8, 16, 64):
+        cut = classifier.encode_texts(tokenizer, texts, max_length, cut_long=True)
+        assert cut == classifier.encode_texts(tokenizer, texts, max_length)
+        assert cut == [ids or [tokenizer.eos_token_id]
+                       for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    heads = classifier._head_ids(tokenizer, texts, 8)
+    assert sum(ids is not None for ids in heads) > 100  # the head was used, not only the fallback

@@ -64,7 +64,7 @@ def test_models_serve_answers_with_the_labels_of_in_process_prediction(tmp_path:
         assert [r["label"] for r in rows] == [r["label"] for r in expected]
 
         # Read a chunk at a time, the file gets the same rows, in order.
-        path, counts = predict.predict_file(f"models:/{name}@champion", texts_file, "text", chunk=3)
+        path, counts = predict.predict_file(f"models:/{name}@champion", texts_file, "text", len(TEXTS), chunk=3)
         assert [json.loads(line) for line in path.read_text().splitlines()] == rows
         assert sum(counts.values()) == len(TEXTS) and not list(tmp_path.glob(".*.tmp-*"))
 
