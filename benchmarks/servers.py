@@ -76,18 +76,89 @@ def process(cmd: list[str], log: Path, ready_url: str, env: dict[str, str] | Non
         stop(proc)
 
 
-class MlflowServer:
-    """``mlflow server`` on a SQLite store in ``root`` with a local artifact root (proxied over HTTP), on a free
-    port; started and stopped at will, the store survives. As a context manager: started, and its URL."""
+class Postgres:
+    """A throwaway PostgreSQL cluster: ``initdb`` into a folder of its own, ``pg_ctl`` serving it on a free loopback
+    port (its unix socket in that folder), trust authentication for its one user; ``url`` creates a database and
+    names it for a driver. PostgreSQL refuses to run as root: as root, the cluster belongs to the ``postgres`` user
+    (which the distribution's packages create) in a private temporary folder, removed on exit. Started and stopped
+    at will (the data survives, as a restarted server's would). As a context manager: started, then stopped."""
+
+    USER = "llmpipe"
 
     def __init__(self, root: Path):
+        import pwd
+        import tempfile
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.owner = "postgres" if os.geteuid() == 0 else None
+        if self.owner:
+            try:
+                account = pwd.getpwnam(self.owner)
+            except KeyError:
+                raise RuntimeError("PostgreSQL does not run as root and there is no 'postgres' user to run it as: "
+                                   "run as another user, or create one (useradd postgres)") from None
+            self.home = Path(tempfile.mkdtemp(prefix="llmpipe-postgres-"))
+            os.chown(self.home, account.pw_uid, account.pw_gid)
+        else:
+            self.home = root
+        self.data, self.log = self.home / "data", self.home / "postgres.log"
+        self._run(["initdb", "-D", str(self.data), "-U", self.USER, "--auth=trust", "--encoding=UTF8", "--no-sync"])
+
+    def _run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        prefix = ["runuser", "-u", self.owner, "--"] if self.owner else []
+        return subprocess.run(prefix + cmd, capture_output=True, text=True, env=base_env(), **kw)
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.home} -c max_connections=200"
+        done = self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
+                          "start"])
+        if done.returncode:
+            raise RuntimeError(f"pg_ctl start failed: {done.stderr[-2000:]}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m fast`` (sessions ended, a clean shutdown) or ``immediate`` (as a crash)."""
+        self._run(["pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def psql(self, database: str, query: str) -> str:
+        """The result of ``query`` in ``database``, unaligned, without headers."""
+        done = self._run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, "-d", database, "-tAc",
+                          query], check=True)
+        return done.stdout.strip()
+
+    def url(self, database: str, driver: str = "postgresql+psycopg2") -> str:
+        """``database`` (created if missing) as a SQLAlchemy URL: ``postgresql+psycopg2`` (MLflow's) or
+        ``postgresql+asyncpg`` (Prefect's)."""
+        if not self.psql("postgres", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"):
+            self.psql("postgres", f'CREATE DATABASE "{database}"')
+        return f"{driver}://{self.USER}@127.0.0.1:{self.port}/{database}"
+
+    def __enter__(self) -> Postgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        self.stop()
+        if self.owner:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+class MlflowServer:
+    """``mlflow server`` on a store (a SQLite file in ``root`` unless ``backend_uri`` names another, e.g.
+    PostgreSQL) with a local artifact root (proxied over HTTP), on a free port; started and stopped at will, the
+    store survives. As a context manager: started, and its URL."""
+
+    def __init__(self, root: Path, backend_uri: str | None = None):
         self.root, self.proc, self.url = root, None, ""
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> str:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
         self.proc = start(cmd, base_env(), self.root / "mlflow.log", self.root)
@@ -107,11 +178,12 @@ class MlflowServer:
 
 
 class PrefectServer:
-    """``prefect server start`` on a free loopback port with a home of its own; ``env`` points clients (the CLI,
-    workers) at it, and ``start`` runs more processes (workers, ``llmpipe serve``) that stop with it."""
+    """``prefect server start`` on a free loopback port with a home of its own (its database a SQLite file there
+    unless ``database_url`` names another, e.g. PostgreSQL); ``env`` points clients (the CLI, workers) at it, and
+    ``start`` runs more processes (workers, ``llmpipe serve``) that stop with it."""
 
-    def __init__(self, root: Path, **settings: str):
-        self.root = root
+    def __init__(self, root: Path, database_url: str | None = None, **settings: str):
+        self.root, self.database_url = root, database_url
         root.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{free_port()}/api"
         self.env = {**base_env(), "PREFECT_API_URL": self.url, "PREFECT_HOME": str(root / "client-home"),
@@ -128,7 +200,8 @@ class PrefectServer:
     def __enter__(self) -> PrefectServer:
         port = self.url.split(":")[-1].split("/")[0]
         server_env = {**base_env(), "PREFECT_HOME": str(self.root / "server-home"),
-                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
+                      "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+                      **({"PREFECT_API_DATABASE_CONNECTION_URL": self.database_url} if self.database_url else {})}
         log = self.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                     "--port", port, "--no-ui"], server_env)
         try:
