@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
 
@@ -596,9 +604,9 @@ class EvaluateConfig(Section):
 
     samples: int = Field(3, ge=0, description="Text samples generated from the LM for the report.")
     sample_tokens: int = Field(40, ge=1, description="New tokens per generated sample.")
-    sample_prompts: list[str] | None = Field(
-        None, description="Prompts the LM samples continue, in the corpus' language (default: three English "
-                          "prompts: 'The', 'I thought the film', 'In the morning').")
+    sample_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=20, description="Prompts the LM samples continue, in the corpus' language (default: three "
+                                         "English prompts: 'The', 'I thought the film', 'In the morning').")
     batch_size: int = Field(64, ge=1, description="Batch size for evaluation passes.")
     calibration_bins: int = Field(15, ge=1, le=1000, description="Equal-width confidence bins for the expected "
                                   "calibration error.")

@@ -313,3 +313,13 @@ def test_presets_read_hub_datasets_by_default() -> None:
     assert [(s.kind, s.split) for s in imdb.corpus.sources] == [("hub", "unsupervised"), ("hub", "train")]
     assert imdb.labeled.source.test_split == "test" and imdb.labeled.source.validation_split is None
     assert (imdb.labeled.max_train_examples, imdb.labeled.max_test_examples) == (1000, 5000)
+
+
+def test_sample_prompts_are_bounded() -> None:
+    assert load_config("waimai").evaluate.sample_prompts == ["这家店", "味道很", "送餐"]
+    assert load_config("tiny").evaluate.sample_prompts is None  # the English prompts, fingerprints as before
+    for bad, field in (('evaluate.sample_prompts=[""]', "evaluate.sample_prompts.0"),
+                       ("evaluate.sample_prompts=[" + ",".join(["a"] * 21) + "]", "evaluate.sample_prompts"),
+                       (f"evaluate.sample_prompts=[{'x' * 201}]", "evaluate.sample_prompts.0")):
+        with pytest.raises(ConfigError, match=field):
+            load_config("tiny", [bad])
