@@ -33,9 +33,10 @@ MODEL_WORK = threading.RLock()  # re-entrant: logging a model loads it again to 
 # Texts per forward pass, by device: on CPU, 16 scored 1.2x (64-token texts) to 1.65x (256 tokens) as many texts a
 # second as 64 did (GPT-2 4 x 256, 2 cores); a GPU wants wide batches. The pyfunc ``batch_size`` parameter overrides.
 BATCH_SIZE = {"cpu": 16, "cuda": 64}
-# A pyfunc call with at least this many texts scores through torch.compile's kernels: building them takes 20-40 s
-# on 2 CPU cores, once per process, and then scores about 1.5x as fast (benchmarks/serving.py), so it pays from
-# about this many texts on; smaller calls (a served request, a short list) score eagerly.
+# A pyfunc call with at least this many texts scores through torch.compile's kernels: building them took 10-25 s
+# on 2 CPU cores, once per process, and they then scored 1.2x as fast as eager (benchmarks/serving.py), which pays
+# back after about 6,000 texts at the imdb preset's shape and 60,000 at the quickstart's; smaller calls (a served
+# request, a short list) score eagerly.
 COMPILE_MIN_TEXTS = 20_000
 # init arguments transformers records in tokenizer_config.json that describe how it was loaded here, not the tokenizer
 LOAD_KWARGS = ("is_local", "local_files_only", "name_or_path", "trust_remote_code")
