@@ -39,6 +39,7 @@ from tasks.tracking import (
     clean,
     code_version,
     dataset_inputs,
+    log_inputs,
     mlflow_client,
     quote,
     shielded,
@@ -423,11 +424,11 @@ def register_classifier(
             client.log_text(target, readable_json(cls), "reports/classifier.json")
             if lmr:
                 client.log_text(target, readable_json(lmr), "reports/language_model.json")
-    client.log_inputs(run_id, datasets=dataset_inputs([labeled], {"labeled": ["test"]}))
+    log_inputs(client, run_id, dataset_inputs([labeled], {"labeled": ["test"]}))
     if parent:  # the flow's run lists every data set the model came from
         corpus_fp = artifact_lineage(lm).get("llmpipe.corpus_fingerprint")
         corpus = _artifact(classifier.dir.parent.parent, "corpora", corpus_fp)
-        client.log_inputs(parent, datasets=dataset_inputs([r for r in (corpus, labeled) if r is not None]))
+        log_inputs(client, parent, dataset_inputs([r for r in (corpus, labeled) if r is not None]))
     tags = {
         **lineage, **code_version(), **artifact_lineage(classifier),
         TEST_SET_TAG: labeled.fingerprint,

@@ -317,6 +317,26 @@ def _splits(ref: ArtifactRef) -> list[str]:
     return sorted(p.stem for p in ref.dir.glob("*.jsonl"))
 
 
+def log_inputs(client, run_id: str, datasets: list, attempts: int = 3) -> None:
+    """``client.log_inputs``, retried when the store refuses a data set that another run created at the same
+    moment: MLflow looks a data set up, then inserts it, so two runs logging the same data set at once on a
+    tracking server over PostgreSQL collide on its unique key (HTTP 400). The retry finds the data set and links
+    it. Found by tests/e2e/test_team_stack.py; SQLite, one writer at a time, never collides."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as exc:
+            text = str(exc)
+            duplicate = "dataset" in text and any(
+                marker in text for marker in ("UniqueViolation", "UNIQUE constraint", "IntegrityError", "Duplicate"))
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def dataset_inputs(refs: list[ArtifactRef], splits: dict[str, list[str]] | None = None) -> list:
     """``mlflow.data`` entries for data artifacts (corpora, labeled sets, tokens): name, fingerprint, location.
 
@@ -400,4 +420,4 @@ def log_stage(run_id: str, ref: Any, params: dict[str, Any], inputs: list[Artifa
                      tags=[RunTag(k, v) for k, v in clean(tags).items()])
     data = [r for r in [*inputs, ref] if isinstance(r, ArtifactRef)]
     if datasets := dataset_inputs(data, splits):
-        client.log_inputs(run_id, datasets=datasets)
+        log_inputs(client, run_id, datasets)

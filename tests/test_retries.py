@@ -43,3 +43,29 @@ def test_library_errors_are_classified_by_what_they_wrap() -> None:
             raise RuntimeError("the hub could not be reached") from inner
     except RuntimeError as outer:
         assert is_transient(outer) is True
+
+
+def test_a_data_set_logged_by_another_run_at_the_same_moment_is_retried_and_linked() -> None:
+    """MLflow looks a data set up, then inserts it: two runs at once on a server over PostgreSQL collide on its key
+    (seen in tests/e2e/test_team_stack.py). ``log_inputs`` tries again, and only for that refusal."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import log_inputs
+
+    class Store:  # answers like the tracking server: the first call loses the race
+        def __init__(self, refusal: str):
+            self.calls, self.refusal = 0, refusal
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                raise MlflowException(self.refusal)
+
+    raced = Store('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                  '"dataset_pk"')
+    log_inputs(raced, "run", [])
+    assert raced.calls == 2
+    other = Store("BAD_REQUEST: run 'run' is not active")
+    with pytest.raises(MlflowException, match="not active"):
+        log_inputs(other, "run", [])
+    assert other.calls == 1
