@@ -309,9 +309,9 @@ class Workspace:
         return self.root / kind / f"{fp}.lock"
 
     @contextlib.contextmanager
-    def lock(self, kind: str, fp: str) -> Iterator[None]:
+    def lock(self, kind: str, fp: str, doing: str = "built") -> Iterator[None]:
         def waiting() -> None:
-            log.info("%s/%s is being built by another run; waiting for it", kind, fp)
+            log.info("%s/%s is being %s by another run; waiting for it", kind, fp, doing)
 
         with file_lock(self.lock_path(kind, fp), on_wait=waiting):
             yield

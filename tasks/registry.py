@@ -3,7 +3,9 @@ promote and rollback.
 
 - **Registration.** The classifier (transformers flavor, text-classification) and the language model
   (text-generation) are registered once per artifact fingerprint: the fingerprint tag is looked up before a
-  version is created, and when two writers race, the lowest version wins and the other deletes its own.
+  version is created. Runs sharing a workspace register (and gate) a fingerprint one at a time, under a lock in
+  the workspace's ``registrations`` folder; writers from different workspaces may still race: then the lowest
+  version wins and the other deletes its own.
 - **Aliases.** A new classifier version gets no alias unless it beats the baselines (the quality floor); then it
   becomes champion only if it beats the current champion on the same held-out rows (``tasks.gate`` decides),
   otherwise challenger. ``promote`` and ``rollback`` are for people; the previous champions are remembered.
@@ -15,11 +17,12 @@ Nothing here imports Prefect: Prefect identifiers arrive as a plain ``lineage`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks import faults, gate
-from tasks.artifacts import MANIFEST, ArtifactRef, CheckpointRef, LabeledRef, ReportRef, fingerprint
+from tasks.artifacts import (
+    MANIFEST,
+    ArtifactRef,
+    CheckpointRef,
+    LabeledRef,
+    ReportRef,
+    Workspace,
+    fingerprint,
+)
 from tasks.config import PipelineConfig, RegistryConfig
 from tasks.errors import DataError, LlmpipeError
 from tasks.gate import TEST_SET_TAG
@@ -122,6 +133,14 @@ def _wait_ready(client, name: str, version: str, timeout: float = 300.0) -> None
         if mv.status == "FAILED_REGISTRATION" or time.time() > deadline:
             raise RuntimeError(f"model version {name}/{version} is {mv.status}: {mv.status_message or ''}")
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def one_registrant(checkpoint: CheckpointRef) -> Iterator[None]:
+    """Hold the workspace's registration lock for ``checkpoint``'s fingerprint: runs sharing a workspace register
+    and gate a model one at a time, so the second finds the first's version, decided, instead of racing it."""
+    with Workspace(checkpoint.dir.parent.parent).lock("registrations", checkpoint.fingerprint, "registered"):
+        yield
 
 
 def _register_once(client, name: str, fp: str, logged: Callable[[], Any], run_id: str, tags: dict[str, str],
@@ -380,14 +399,15 @@ def register_lm(cfg: PipelineConfig, lm: CheckpointRef, lm_report: ReportRef | N
     tags = {**lineage, **code_version(), **artifact_lineage(lm), "llmpipe.config_hash": fingerprint(cfg),
             "llmpipe.lm_fingerprint": lm.fingerprint,
             **{f"llmpipe.{k}": f"{report[k]:.6g}" for k in ("val_loss", "val_ppl", "val_bits_per_byte") if k in report}}
-    _ensure_registered_model(client, reg.lm_name, "Causal language model pretrained by llmpipe.")
-    ppl = f"; validation perplexity {report['val_ppl']:.2f}" if "val_ppl" in report else ""
-    mv, how = _register_once(
-        client, reg.lm_name, lm.fingerprint,
-        lambda: log_model(run_id, experiment_id, lm.dir, "language_model", "text-generation",
-                           {"max_new_tokens": 20, "do_sample": False}, ["The"], None, None, cfg.runtime.threads),
-        run_id, tags, f"llmpipe language model, fingerprint {lm.fingerprint}{ppl}.",
-    )
+    with one_registrant(lm):
+        _ensure_registered_model(client, reg.lm_name, "Causal language model pretrained by llmpipe.")
+        ppl = f"; validation perplexity {report['val_ppl']:.2f}" if "val_ppl" in report else ""
+        mv, how = _register_once(
+            client, reg.lm_name, lm.fingerprint,
+            lambda: log_model(run_id, experiment_id, lm.dir, "language_model", "text-generation",
+                               {"max_new_tokens": 20, "do_sample": False}, ["The"], None, None, cfg.runtime.threads),
+            run_id, tags, f"llmpipe language model, fingerprint {lm.fingerprint}{ppl}.",
+        )
     client.set_tag(run_id, "llmpipe.lm_version", str(mv.version))
     log.info("register: language model %s version %s (%s)", reg.lm_name, mv.version,
              "new" if how == "created" else "already registered")
@@ -437,47 +457,48 @@ def register_classifier(
         "llmpipe.source_lm_version": lm_version.uri,
         **{f"llmpipe.test_{k}": str(cls["model"][k]) for k in ("accuracy", "macro_f1")},
     }
-    _ensure_registered_model(client, reg.model_name, "Text classifier trained by llmpipe.")
-    mv, how = _register_once(
-        client, reg.model_name, classifier.fingerprint,
-        lambda: log_model(run_id, experiment_id, classifier.dir, "classifier", "text-classification",
-                           {"truncation": True, "max_length": cfg.finetune.max_length,
-                            "compile_min_texts": COMPILE_MIN_TEXTS},
-                           EXAMPLE_TEXTS, [("label", "string"), ("score", "double")], cfg.finetune.max_length,
-                           cfg.runtime.threads),
-        run_id, tags, f"llmpipe classifier, fingerprint {classifier.fingerprint}.",
-    )
-    version = int(mv.version)
-    client.set_tag(run_id, "llmpipe.registered_version", str(version))
-    decided = mv.tags.get("llmpipe.alias_decision")
-    if how == "lost-race" or (how == "existing" and decided):
-        # Already decided, or registered by a concurrent writer that runs the gate itself.
-        gate_info = {k[len("llmpipe.gate."):]: v for k, v in mv.tags.items() if k.startswith("llmpipe.gate.")}
-        why = decided or "registered concurrently by another run"
-        log.info("register: model %s is already version %s of %s (%s); not registering a duplicate",
-                 classifier.fingerprint, version, reg.model_name, why)
-        return _ref(mv, False, run_id, experiment_id, gate=gate_info or None, lm_uri=lm_version.uri,
-                    below_floor=mv.tags.get(DECISION_TAG) == BELOW_FLOOR,
-                    decision=f"identical model already registered as version {version} ({why})")
-    faults.check("register", 1)  # LLMPIPE_FAULT=register:kill@1: the version exists, its alias is not decided
-    alias, result, floor = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed, run_id)
-    for key, value in _gate_tags(alias, result, floor).items():
-        client.set_model_version_tag(reg.model_name, str(version), key, value)
-    gate_line = f"Gate: {alias} ({result.reason})." if alias else \
-        f"Not promoted: below the quality floor ({result.reason}); registered for inspection, without an alias."
-    client.update_model_version(reg.model_name, str(version), description=(
-        f"llmpipe classifier, fingerprint {classifier.fingerprint}; trained from {lm_version.uri} on labeled data "
-        f"{labeled.fingerprint}.\n\n{gate_line}"))
-    client.log_batch(run_id, metrics=_gate_metrics(result, floor))
-    if alias:
-        decision = f"version {version} becomes {alias}: {result.reason}"
-        log.info("register: %s version %s; %s", reg.model_name, version, decision)
-    else:
-        decision = f"version {version} is below the quality floor, so it gets no alias: {result.reason}"
-        log.warning("register: %s version %s; %s", reg.model_name, version, decision)
-    mv = client.get_model_version(reg.model_name, str(version))
-    return _ref(mv, how == "created", run_id, experiment_id, decision=decision, gate=result.as_dict(),
-                floor=floor.as_dict(), below_floor=alias is None, lm_uri=lm_version.uri)
+    with one_registrant(classifier):
+        _ensure_registered_model(client, reg.model_name, "Text classifier trained by llmpipe.")
+        mv, how = _register_once(
+            client, reg.model_name, classifier.fingerprint,
+            lambda: log_model(run_id, experiment_id, classifier.dir, "classifier", "text-classification",
+                               {"truncation": True, "max_length": cfg.finetune.max_length,
+                                "compile_min_texts": COMPILE_MIN_TEXTS},
+                               EXAMPLE_TEXTS, [("label", "string"), ("score", "double")], cfg.finetune.max_length,
+                               cfg.runtime.threads),
+            run_id, tags, f"llmpipe classifier, fingerprint {classifier.fingerprint}.",
+        )
+        version = int(mv.version)
+        client.set_tag(run_id, "llmpipe.registered_version", str(version))
+        decided = mv.tags.get("llmpipe.alias_decision")
+        if how == "lost-race" or (how == "existing" and decided):
+            # Already decided, or registered by a concurrent writer that runs the gate itself.
+            gate_info = {k[len("llmpipe.gate."):]: v for k, v in mv.tags.items() if k.startswith("llmpipe.gate.")}
+            why = decided or "registered concurrently by another run"
+            log.info("register: model %s is already version %s of %s (%s); not registering a duplicate",
+                     classifier.fingerprint, version, reg.model_name, why)
+            return _ref(mv, False, run_id, experiment_id, gate=gate_info or None, lm_uri=lm_version.uri,
+                        below_floor=mv.tags.get(DECISION_TAG) == BELOW_FLOOR,
+                        decision=f"identical model already registered as version {version} ({why})")
+        faults.check("register", 1)  # LLMPIPE_FAULT=register:kill@1: the version exists, its alias is not decided
+        alias, result, floor = decide_alias(client, reg, reg.model_name, version, labeled, cfg.seed, run_id)
+        for key, value in _gate_tags(alias, result, floor).items():
+            client.set_model_version_tag(reg.model_name, str(version), key, value)
+        gate_line = f"Gate: {alias} ({result.reason})." if alias else \
+            f"Not promoted: below the quality floor ({result.reason}); registered for inspection, without an alias."
+        client.update_model_version(reg.model_name, str(version), description=(
+            f"llmpipe classifier, fingerprint {classifier.fingerprint}; trained from {lm_version.uri} on labeled data "
+            f"{labeled.fingerprint}.\n\n{gate_line}"))
+        client.log_batch(run_id, metrics=_gate_metrics(result, floor))
+        if alias:
+            decision = f"version {version} becomes {alias}: {result.reason}"
+            log.info("register: %s version %s; %s", reg.model_name, version, decision)
+        else:
+            decision = f"version {version} is below the quality floor, so it gets no alias: {result.reason}"
+            log.warning("register: %s version %s; %s", reg.model_name, version, decision)
+        mv = client.get_model_version(reg.model_name, str(version))
+        return _ref(mv, how == "created", run_id, experiment_id, decision=decision, gate=result.as_dict(),
+                    floor=floor.as_dict(), below_floor=alias is None, lm_uri=lm_version.uri)
 
 
 def _gate_tags(alias: str | None, result, floor) -> dict[str, str]:
