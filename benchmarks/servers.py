@@ -30,8 +30,8 @@ def base_env() -> dict[str, str]:
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    """``cmd`` in a session of its own, output to ``log``; it gets SIGTERM when this process dies first."""
-    with open(log, "wb") as out:
+    """``cmd`` in a session of its own, output appended to ``log``; it gets SIGTERM when this process dies first."""
+    with open(log, "ab") as out:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=die_with_parent)
 
@@ -151,16 +151,16 @@ class MlflowServer:
     store survives. As a context manager: started, and its URL."""
 
     def __init__(self, root: Path, backend_uri: str | None = None):
-        self.root, self.proc, self.url = root, None, ""
+        self.root, self.proc, self.port = root, None, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> str:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        """Serve on the port of the first start (clients keep their URL across a restart); the URL."""
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
-               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
+               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
+               str(self.port), "--workers", "1"]
         self.proc = start(cmd, base_env(), self.root / "mlflow.log", self.root)
         wait_http(f"{self.url}/health", self.proc, self.root / "mlflow.log")
         return self.url
@@ -179,17 +179,20 @@ class MlflowServer:
 
 class PrefectServer:
     """``prefect server start`` on a free loopback port with a home of its own (its database a SQLite file there
-    unless ``database_url`` names another, e.g. PostgreSQL); ``env`` points clients (the CLI, workers) at it, and
-    ``start`` runs more processes (workers, ``llmpipe serve``) that stop with it."""
+    unless ``database_url`` names another, e.g. PostgreSQL; ``server_settings``: more of the server's environment);
+    ``env`` (with ``settings``) points clients (the CLI, workers) at it, and ``start`` runs more processes (workers,
+    ``llmpipe serve``) that stop with it."""
 
-    def __init__(self, root: Path, database_url: str | None = None, **settings: str):
-        self.root, self.database_url = root, database_url
+    def __init__(self, root: Path, database_url: str | None = None, server_settings: dict[str, str] | None = None,
+                 **settings: str):
+        self.root, self.database_url, self.server_settings = root, database_url, server_settings or {}
         root.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{free_port()}/api"
         self.env = {**base_env(), "PREFECT_API_URL": self.url, "PREFECT_HOME": str(root / "client-home"),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **settings}
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # started beside the server (workers, `llmpipe serve`)
+        self.server: subprocess.Popen | None = None
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
         """``cmd`` with ``env`` (default: the clients'), output in ``<root>/<name>.log``."""
@@ -197,15 +200,25 @@ class PrefectServer:
         self.procs.append(start(cmd, env or self.env, log, cwd or self.root))
         return log
 
-    def __enter__(self) -> PrefectServer:
+    def start_server(self) -> None:
+        """``prefect server start`` on this server's port and database (again after ``stop_server``)."""
         port = self.url.split(":")[-1].split("/")[0]
         server_env = {**base_env(), "PREFECT_HOME": str(self.root / "server-home"),
                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-                      **({"PREFECT_API_DATABASE_CONNECTION_URL": self.database_url} if self.database_url else {})}
-        log = self.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                    "--port", port, "--no-ui"], server_env)
+                      **({"PREFECT_API_DATABASE_CONNECTION_URL": self.database_url} if self.database_url else {}),
+                      **self.server_settings}
+        log = self.root / "server.log"
+        self.server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port,
+                             "--no-ui"], server_env, log, self.root)
+        wait_http(f"{self.url}/health", self.server, log)
+
+    def stop_server(self) -> None:
+        """Stop the server alone (SIGTERM, as a restart would); the processes started beside it go on."""
+        stop(self.server)
+
+    def __enter__(self) -> PrefectServer:
         try:
-            wait_http(f"{self.url}/health", self.procs[0], log)
+            self.start_server()
         except BaseException:
             self.__exit__()
             raise
@@ -214,3 +227,5 @@ class PrefectServer:
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):
             stop(proc)
+        if self.server is not None:
+            stop(self.server)

@@ -453,9 +453,11 @@ def cmd_deploy(cfg: PipelineConfig | None, update_pools: bool = False) -> int:
         print(f"WARNING: work pool(s) {', '.join(open_pools)} let a run override the command, environment or working "
               "directory; `llmpipe deploy --update-pools` gives them llmpipe's template")
     print("deployments: " + ", ".join(done.deployments))
+    print("automations: " + "; ".join(done.automations))
     print()
     print("Start workers:  prefect worker start --pool cpu")
     print(f"                {deploy.GPU_SLOT_ENV}=gpu-$(hostname)-0 CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu")
+    print("                (on a server over PostgreSQL, also PREFECT_CLIENT_RETRY_EXTRA_CODES=500: see docs/deployment.md)")
     example = "llm_pipeline/cpu" if "llm_pipeline/cpu" in done.deployments else done.deployments[0]
     print(f"Run one:        prefect deployment run '{example}'   (or in the UI: Deployments > {example} > Run)")
     return 0

@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +31,18 @@ DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deployments"
 PREFECT_YAML = DEPLOY_DIR / "prefect.yaml"
 WORK_POOL_TYPE = "process"
 GPU_SLOT_ENV = "LLMPIPE_GPU_SLOT"
+SLOT_LEASE_S = 300  # Prefect's lease on a held concurrency slot, renewed while held
+OUTAGE_S = 120.0  # how long taking or creating a GPU slot waits out an unreachable Prefect API
 PRETRAIN_COMPLETED = "llmpipe.pretrain.completed"
+# A run whose process is gone (its worker or machine killed) stops sending Prefect's flow-run heartbeats (every
+# PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds, 180 by default, 30 at least); after HEARTBEATS_MISSED periods without
+# one it is marked crashed, and a crashed deployment run is scheduled again, at most MAX_RUNS runs in all (the flow
+# refuses a further one: ``flows.tracking.admit_rerun``).
+HEARTBEATS_MISSED = 2
+MAX_RUNS = 3
+CRASH_ZOMBIES = "llmpipe: crash runs whose heartbeats stopped"
+FLOW_NAMES = ("llm_pipeline", "pretrain", "finetune")  # every llmpipe flow: deployment runs and stage subflows
+RERUN_CRASHED = "llmpipe: re-run crashed deployment runs"
 
 
 def load_spec(path: Path = PREFECT_YAML) -> dict[str, Any]:
@@ -145,10 +157,67 @@ def ensure_work_pools(spec: dict[str, Any], update: bool = False) -> dict[str, s
     return status
 
 
+def automations(heartbeat_seconds: int) -> list[Any]:
+    """The two automations that take a run lost with its process to a re-run: marked crashed once its heartbeats
+    stop, then scheduled again (Prefect's "Retry"; a worker of its pool takes it up, and its stages reuse what is
+    built and resume training from the last checkpoint). The first acts on runs of llmpipe's flows (a lost
+    deployment run and its stage subflows), the second on deployment runs tagged ``llmpipe``."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    ours = {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.llmpipe"}
+    crash = AutomationCore(
+        name=CRASH_ZOMBIES,
+        description=f"A run of an llmpipe flow that sent no heartbeat for {HEARTBEATS_MISSED} periods of "
+                    f"{heartbeat_seconds} s is marked crashed (its process is gone).",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": list(FLOW_NAMES)},
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=HEARTBEATS_MISSED * heartbeat_seconds)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="Marked crashed by llmpipe: the run's heartbeats stopped.")],
+    )
+    rerun = AutomationCore(
+        name=RERUN_CRASHED,
+        description=f"A crashed llmpipe deployment run is scheduled again (at most {MAX_RUNS} runs in all).",
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Crashed"}, match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related=[ours, {"prefect.resource.role": "deployment"}],
+            for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry",
+                                    message="Scheduled again by llmpipe after a crash.")],
+    )
+    return [crash, rerun]
+
+
+def ensure_automations() -> list[str]:
+    """Create or update ``automations()`` on the configured Prefect API (by name); their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    wanted = automations(get_current_settings().flows.heartbeat_frequency or 180)
+    with get_client(sync_client=True) as client:
+        for automation in wanted:
+            found = client.read_automations_by_name(automation.name)
+            if found:
+                client.update_automation(found[0].id, automation)
+            else:
+                client.create_automation(automation)
+    return [a.name for a in wanted]
+
+
 class Deployed(NamedTuple):
     api_url: str
     pools: dict[str, str]  # name -> created, updated, exists, open
     deployments: list[str]  # flow/deployment
+    automations: list[str]
 
 
 def deploy(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML, update_pools: bool = False) -> Deployed:
@@ -172,7 +241,7 @@ def deploy(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML, up
         )
     if done.returncode != 0:
         raise LlmpipeError(f"prefect deploy failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return Deployed(api_url, pools, deployment_names(spec))
+    return Deployed(api_url, pools, deployment_names(spec), ensure_automations())
 
 
 def runner_deployments(spec: dict[str, Any]) -> list[Any]:
@@ -208,6 +277,7 @@ def serve(cfg: PipelineConfig | None = None, spec_path: Path = PREFECT_YAML) -> 
 
     spec = with_config(load_spec(spec_path), cfg)
     require_api()
+    ensure_automations()
     prefect_serve(*runner_deployments(spec))
 
 
@@ -249,17 +319,53 @@ def gpu_slot() -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    def ensure_limit() -> None:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with contextlib.suppress(ObjectAlreadyExists):
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
     logger = _run_logger()
+    _through_outages(ensure_limit, f"GPU slot {name}", logger)
     logger.info("waiting for GPU slot %s", name)
-    with concurrency(name, occupy=1, strict=True):
-        logger.info("holding GPU slot %s", name)
-        yield
+    trained = False
+    try:
+        with contextlib.ExitStack() as held:
+            _through_outages(lambda: held.enter_context(concurrency(name, occupy=1, strict=True,
+                                                                     lease_duration=SLOT_LEASE_S)),
+                             f"GPU slot {name}", logger)
+            logger.info("holding GPU slot %s", name)
+            yield
+            trained = True
+    except Exception as exc:
+        from flows.retries import is_transient
+
+        if not trained or not is_transient(exc):
+            raise
+        # The stage is done; the slot's lease, which nobody renews now, frees it by itself.
+        logger.warning("could not release GPU slot %s (%s: the Prefect API did not answer); its lease frees it "
+                       "within %d s", name, type(exc).__name__, SLOT_LEASE_S)
+
+
+def _through_outages(call: Callable[[], Any], what: str, logger: Any) -> Any:
+    """``call()``, tried again while the Prefect API is unreachable or answers 5xx, for up to ``OUTAGE_S``: a fresh
+    Prefect client fails at once on a refused connection (it retries those only once it has connected), and a
+    server restart takes seconds."""
+    from flows.retries import is_transient
+
+    deadline, pause = time.monotonic() + OUTAGE_S, 1.0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + pause > deadline:
+                raise
+            logger.warning("%s: the Prefect API did not answer (%s); trying again in %.0f s", what,
+                           type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -23,6 +23,7 @@ from flows import progress, reports
 from tasks import confine, interrupts, policy, tracking
 from tasks.artifacts import ArtifactRef
 from tasks.config import PipelineConfig, flatten
+from tasks.errors import LlmpipeError
 from tasks.redact import redact_exception
 
 # Stages with an MLflow child run: the config sections logged as its params, and which splits of its
@@ -158,9 +159,20 @@ def admit(cfg: PipelineConfig, refs: dict[str, Any]) -> dict[str, Any]:
     if _ADMITTED.get():
         return refs
     if deployment.id:  # the UI form, `prefect deployment run`, the API, a schedule or an event
+        admit_rerun(flow_run.run_count)
         refs = policy.check_config(cfg, policy.Policy.from_env(), refs, flow_run.job_variables, _deployed_config())
     _ADMITTED.set(True)
     return refs
+
+
+def admit_rerun(run_count: int) -> None:
+    """Refuse a deployment run's attempt past ``MAX_RUNS``: a run that crashed that often (re-run each time by
+    llmpipe's automation, ``flows.deploy.automations``, or by hand) fails instead, so a crash loop ends."""
+    from flows.deploy import MAX_RUNS
+
+    if run_count > MAX_RUNS:
+        raise LlmpipeError(f"this flow run has started {run_count} times (it crashed and was run again); llmpipe "
+                           f"runs one at most {MAX_RUNS} times: find why it crashes, then create a new run")
 
 
 @contextlib.contextmanager

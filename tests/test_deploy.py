@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from flows import deploy
@@ -81,6 +82,49 @@ def test_prefect_yaml_deploys_the_three_flows_to_cpu_and_gpu_pools() -> None:
     finetune = load_flow_from_entrypoint(deps["finetune/gpu"]["entrypoint"])
     assert set(trigger["parameters"]) == set(finetune.parameters.properties) == {"config", "lm", "lm_report"}
     assert all(v == f"{{{{ event.payload.{k} }}}}" for k, v in trigger["parameters"].items())
+
+
+def test_the_automations_crash_lost_runs_of_llmpipe_flows_and_rerun_crashed_deployment_runs() -> None:
+    from prefect.events.schemas.events import RelatedResource, Resource
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.server.events.schemas.automations import EventTrigger as ServerTrigger
+
+    flows = {load_flow_from_entrypoint(d["entrypoint"]).name for d in deploy.load_spec()["deployments"]}
+    assert set(deploy.FLOW_NAMES) == flows  # every flow a deployment runs (and, as subflows, the stages)
+    assert all("llmpipe" in d["tags"] for d in deploy.load_spec()["deployments"])
+    crash, rerun = deploy.automations(30)
+    assert crash.trigger.within.total_seconds() == deploy.HEARTBEATS_MISSED * 30
+    assert [a.type for a in crash.actions] == ["change-flow-run-state"] and crash.actions[0].state == "CRASHED"
+    assert rerun.actions[0].state == "SCHEDULED" and rerun.actions[0].name == "AwaitingRetry"
+
+    # What the server's trigger matches (Prefect's own code): which runs each automation covers.
+    def run(flow: str, *, deployment: bool, tags: tuple[str, ...] = ()) -> tuple[Resource, list[RelatedResource]]:
+        related = [{"prefect.resource.id": "prefect.flow.1", "prefect.resource.role": "flow",
+                    "prefect.resource.name": flow}]
+        related += [{"prefect.resource.id": f"prefect.tag.{t}", "prefect.resource.role": "tag"} for t in tags]
+        if deployment:
+            related.append({"prefect.resource.id": "prefect.deployment.1", "prefect.resource.role": "deployment"})
+        return (Resource({"prefect.resource.id": "prefect.flow-run.1"}),
+                [RelatedResource(r) for r in related])
+
+    covers_crash = ServerTrigger.model_validate(crash.trigger.model_dump()).covers_resources
+    covers_rerun = ServerTrigger.model_validate(rerun.trigger.model_dump()).covers_resources
+    assert covers_crash(*run("llm_pipeline", deployment=True, tags=("llmpipe",)))
+    assert covers_crash(*run("finetune", deployment=False))  # a stage subflow of a lost run
+    assert not covers_crash(*run("someone_elses_flow", deployment=True, tags=("llmpipe",)))
+    assert covers_rerun(*run("llm_pipeline", deployment=True, tags=("llmpipe", "retrain")))
+    assert not covers_rerun(*run("finetune", deployment=False, tags=("llmpipe",)))  # subflows are not scheduled
+    assert not covers_rerun(*run("llm_pipeline", deployment=True))  # not llmpipe's deployment
+
+
+def test_a_run_that_crashed_and_was_rerun_too_often_is_refused() -> None:
+    from flows.tracking import admit_rerun
+    from tasks.errors import LlmpipeError
+
+    for count in range(1, deploy.MAX_RUNS + 1):
+        admit_rerun(count)
+    with pytest.raises(LlmpipeError, match=f"started {deploy.MAX_RUNS + 1} times"):
+        admit_rerun(deploy.MAX_RUNS + 1)
 
 
 def test_parameter_form_shows_every_config_field_with_type_default_and_description() -> None:
@@ -162,3 +206,30 @@ def test_kubernetes_template_fixes_what_starts_where_and_with_which_credentials(
     assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
     assert job["command"] is None and job["cluster_config"] is None
     assert "{{" not in json.dumps([job["env"], pod["volumes"], pod["containers"][0]["image"]])
+
+
+def test_taking_a_gpu_slot_waits_out_an_unreachable_prefect_api_and_nothing_else(monkeypatch) -> None:
+    import logging
+
+    import httpx
+
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: None)
+    logger = logging.getLogger("test")
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:  # a fresh Prefect client fails at once while the server restarts
+            raise httpx.ConnectError("All connection attempts failed")
+        return "held"
+
+    assert deploy._through_outages(flaky, "GPU slot x", logger) == "held" and len(calls) == 3
+
+    def refused() -> None:
+        calls.append(1)
+        raise ValueError("not an outage")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        deploy._through_outages(refused, "GPU slot x", logger)
+    assert len(calls) == 1
