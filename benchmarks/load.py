@@ -7,8 +7,8 @@ model, by default 3: each config ``N / variants`` times), so most of their stage
 builds or built. For each backend it reports: runs completed, failed or crashed; the wall time from the first
 creation to the last final state; how many times each artifact fingerprint was built (each once: the others wait
 and reuse it); registered versions per classifier fingerprint (one; counted in the store's own table, deleted ones
-included); and API errors: HTTP 5xx answers and database errors in the servers' logs, and failed or retried API
-calls in the workers' logs. Exit 0 only if, on PostgreSQL, every run completes, every artifact is built once, every
+included); and API errors: errors the servers logged (a failed request is one; MLflow's 5xx answers) with the
+exceptions behind them, and failed or retried API calls in the workers' logs. Exit 0 only if, on PostgreSQL, every run completes, every artifact is built once, every
 classifier fingerprint has one version and no API call failed. The last line printed is one JSON object.
 
     python benchmarks/load.py [--runs 12] [--workers 2] [--variants 3] [--backends postgres sqlite]
@@ -36,11 +36,13 @@ from tasks.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "load-model"
 
-# A server answering 5xx, a database refusing or timing out, a client giving up or retrying a call.
-SERVER_ERRORS = re.compile(r'" 5\d\d |database is locked|OperationalError|InterfaceError|DBAPIError|'
-                           r"TimeoutError|Exception in ASGI application")
+# An error a server logged (Prefect's log records at ERROR: a failed request's traceback is one record; MLflow's
+# 5xx answers), and what it was (the exception lines: database is locked, a refused connection, ...).
+SERVER_ERRORS = re.compile(r"\| ERROR\s+\||\" 5\d\d |^ERROR |\[ERROR\]")
+SERVER_CAUSES = re.compile(r"^\w[\w.]*(Error|Exception): ")
+# A client giving up on, or retrying, an API call (in the workers' logs, with the runs' own).
 CLIENT_ERRORS = re.compile(r"PrefectHTTPStatusError|HTTPStatusError|Received response with retryable status|"
-                           r"ConnectError|ReadTimeout|RemoteProtocolError|MlflowException|API request to .* failed")
+                           r"ConnectError|ReadTimeout|RemoteProtocolError|API request to .* failed")
 
 
 def configs(ws: Path, runs: int, variants: int) -> list[dict[str, Any]]:
@@ -80,6 +82,13 @@ def _errors(paths: list[Path], pattern: re.Pattern) -> list[str]:
     return found
 
 
+def _causes(paths: list[Path]) -> dict[str, int]:
+    """The exception lines of the servers' tracebacks, counted (a chained exception counts each of its lines)."""
+    return dict(collections.Counter(line.strip()[:160] for path in paths
+                                    for line in path.read_text(errors="replace").splitlines()
+                                    if SERVER_CAUSES.match(line.strip())))
+
+
 def load(backend: str, root: Path, runs: int, workers: int, variants: int) -> dict[str, Any]:
     """One backend: its servers, ``workers`` workers, ``runs`` runs created at once; what happened."""
     from prefect.client.orchestration import get_client
@@ -112,7 +121,8 @@ def load(backend: str, root: Path, runs: int, workers: int, variants: int) -> di
                 start = time.perf_counter()
 
                 def create(params: dict[str, Any]):
-                    with get_client(sync_client=True) as own:  # a client each, as separate people's would be
+                    # A client each, as separate people's would be (settings are per thread: set them here).
+                    with temporary_settings({PREFECT_API_URL: server.url}), get_client(sync_client=True) as own:
                         return own.create_flow_run_from_deployment(nightly.id, parameters={"config": params})
 
                 with concurrent.futures.ThreadPoolExecutor(runs) as pool:
@@ -132,6 +142,7 @@ def load(backend: str, root: Path, runs: int, workers: int, variants: int) -> di
             versions = _versions_in_store(backend, pg, root / "mlflow")
             server_logs = [root / "prefect" / "server.log", root / "mlflow" / "mlflow.log"]
             api_errors = _errors(server_logs, SERVER_ERRORS) + _errors(logs, CLIENT_ERRORS)
+            causes = _causes(server_logs)
     finally:
         if pg:
             pg.stop()
@@ -142,7 +153,7 @@ def load(backend: str, root: Path, runs: int, workers: int, variants: int) -> di
         "artifacts_built": len(built), "max_builds_per_artifact": max(built.values(), default=0),
         "reused": len(re.findall(r"reusing artifact \w+", text)),
         "classifier_fingerprints": len(versions), "max_versions_per_fingerprint": max(versions.values(), default=0),
-        "api_errors": len(api_errors), "api_error_lines": api_errors[:5],
+        "api_errors": len(api_errors), "api_error_lines": api_errors[:5], "server_exceptions": causes,
     }
 
 
@@ -171,6 +182,8 @@ def main() -> int:
               f"{r['max_versions_per_fingerprint']:>12} {r['api_errors']:>10}")
         for line in r["api_error_lines"]:
             print(f"  {backend} API error: {line}")
+        for line, n in r["server_exceptions"].items():
+            print(f"  {backend} server exception x{n}: {line}")
     out: dict[str, Any] = {"runs": args.runs, "workers": args.workers, "variants": args.variants, **results}
     if "postgres" in results and "sqlite" in results and results["postgres"]["wall_s"]:
         out["sqlite_wall_over_postgres"] = round(results["sqlite"]["wall_s"] / results["postgres"]["wall_s"], 3)
