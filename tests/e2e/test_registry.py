@@ -4,6 +4,7 @@ idempotent registration under retries and races, the gate on real models, promot
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,9 +184,10 @@ def test_registration_retried_three_times_yields_one_version(server, models, har
     assert asyncio.run(task_run_count()) == 4
 
 
-def test_concurrent_registrations(server, models, monkeypatch) -> None:
-    """Two different models at once: two versions. The same model from two writers that both pass the lookup
-    before either creates: one version (the later writer deletes its own)."""
+def test_concurrent_registrations(server, models, monkeypatch, tmp_path) -> None:
+    """Two different models at once: two versions. The same model from two writers in different workspaces (runs
+    sharing one register a fingerprint one at a time) that both pass the lookup before either creates: one version
+    (the later writer deletes its own)."""
     different = [models.variant("concurrent-a", swap=False), models.variant("concurrent-b", swap=True)]
     reports = {clf.fingerprint: models.report_for(clf, models.labeled) for clf in different}
     cfg = with_registry(models.cfg, model_name="concurrent-model")
@@ -207,11 +209,14 @@ def test_concurrent_registrations(server, models, monkeypatch) -> None:
 
     monkeypatch.setattr(registry, "find_version", find_then_wait)
     same = models.variant("race", swap=False)
+    twin_dir = tmp_path / "other-workspace" / same.dir.parent.name / same.fingerprint  # the same model, elsewhere
+    shutil.copytree(same.dir, twin_dir)
+    twin = same.model_copy(update={"path": str(twin_dir)})
     cfg = with_registry(models.cfg, model_name="race-model")
     same_report = models.report_for(same, models.labeled)
     with ThreadPoolExecutor(2) as pool:
-        raced = list(pool.map(lambda _: registry.register_classifier(
-            cfg, models.lm, models.lm_report, same, same_report, models.labeled), range(2)))
+        raced = list(pool.map(lambda clf: registry.register_classifier(
+            cfg, models.lm, models.lm_report, clf, same_report, models.labeled), [same, twin]))
     versions = _versions("race-model")
     assert len(versions) == 1
     assert {r.version for r in raced} == {int(versions[0].version)}
