@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from tasks.artifacts import file_lock
 from tasks.config import PipelineConfig
 from tasks.errors import ConfigError, LlmpipeError
 from tasks.redact import redact_value
@@ -320,11 +322,14 @@ def gpu_slot() -> Iterator[None]:
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     def ensure_limit() -> None:
-        with get_client(sync_client=True) as client:
+        # The worker's runs look the limit up and create it one at a time (a lock file on this host, where the
+        # slot's runs are): two creating it at once made the server log a unique-key error for the loser.
+        lock = Path(tempfile.gettempdir()) / f"llmpipe-gpu-slot-{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock"
+        with file_lock(lock), get_client(sync_client=True) as client:
             try:
                 client.read_global_concurrency_limit_by_name(name)
             except ObjectNotFound:
-                with contextlib.suppress(ObjectAlreadyExists):
+                with contextlib.suppress(ObjectAlreadyExists):  # another host's run, with the same slot name
                     client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
 
     logger = _run_logger()
