@@ -178,9 +178,6 @@ class PyfuncClassifier:
         scored = self.classifier.predict(texts_of(model_input), batch_size)
         return pd.DataFrame({"label": [label for label, _ in scored], "score": [score for _, score in scored]})
 
-    def unwrap_python_model(self) -> TextClassifier:
-        return self.classifier
-
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> PyfuncClassifier:
     """The pyfunc loader MLflow calls with the flavor's ``data`` folder (the model folder) and its config
