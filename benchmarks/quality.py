@@ -17,7 +17,7 @@ and bands into ``benchmarks/quality.json`` (with the date and commit). The last 
     python benchmarks/quality.py [--presets sst2 sms-spam sst2-short] [--seeds 3] [--threads N] [--record]
 
 ``sst2-short`` (not run by default) is the sst2 preset cut to 400 pretraining steps and at most 1,200 fine-tuning
-steps, validated every 100: the short-text configuration the drift of issue 34 was measured on. To measure an
+steps, validated every 100: the short-text configuration of the drift bisect in docs/experiments.md. To measure an
 older checkout, put it first on the path (``PYTHONPATH=<checkout> python benchmarks/quality.py``): the stages come
 from it, and checkouts from before the nested ``labeled.source`` get its flat keys.
 """
@@ -71,21 +71,26 @@ def overrides(preset: str, flat: bool = False) -> list[str]:
     raise SystemExit(f"benchmarks/quality.py: no local data known for preset {preset!r}")
 
 
+def base_preset(preset: str) -> str:
+    return VARIANTS[preset][0] if preset in VARIANTS else preset
+
+
 def needed_files(preset: str) -> list[Path]:
-    preset = VARIANTS[preset][0] if preset in VARIANTS else preset
     return {"sst2": [DATA / "sst2" / "train.tsv", DATA / "sst2" / "dev.tsv"],
-            "sms-spam": [DATA / "sms_spam" / "SMSSpamCollection"]}[preset]
+            "sms-spam": [DATA / "sms_spam" / "SMSSpamCollection"]}[base_preset(preset)]
 
 
 def preset_config(preset: str):
     from tasks.config import load_config
     from tasks.errors import ConfigError
 
-    base = VARIANTS[preset][0] if preset in VARIANTS else preset
     try:
-        return load_config(base, overrides(preset))
-    except ConfigError:  # a checkout from before the nested labeled.source
-        return load_config(base, overrides(preset, flat=True))
+        return load_config(base_preset(preset), overrides(preset))
+    except ConfigError as nested:
+        try:  # a checkout from before the nested labeled.source
+            return load_config(base_preset(preset), overrides(preset, flat=True))
+        except ConfigError:
+            raise nested from None  # not that: the error of the current form
 
 
 def say(msg: str) -> None:
